@@ -1,0 +1,169 @@
+"""Comparisons: does distillation help? Teacher vs. student fine-tuned without and with each KD loss.
+
+Also the offline demo's teacher: no pretrained weights can be downloaded here,
+so the demo first trains a larger model on the sample data, exports it as a
+ModelScope-format teacher folder, and distils from it through the very same
+loading path (``modelscope`` ``Model.from_pretrained``) a real teacher uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+from .models import load_student
+from .train import TrainConfig, evaluate_encoder, evaluate_lmdb, train
+
+logger = logging.getLogger(__name__)
+
+VISION_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+               "vision_head_width")
+
+
+def split_model_info(info: dict) -> tuple[dict, dict]:
+    """Split a merged cn_clip config into its vision and text JSON parts (as cn_clip's model_configs hold them)."""
+    vision = {k: v for k, v in info.items() if k in VISION_KEYS}
+    text = {k: v for k, v in info.items() if k not in VISION_KEYS}
+    return vision, text
+
+
+def train_demo_teacher(train_data: str | os.PathLike, val_data: str | os.PathLike | None, out_dir: str | os.PathLike,
+                       **overrides) -> Path:
+    """Train the ``demo-teacher`` preset on the given data and export it as a ModelScope teacher folder.
+
+    Cached: when ``{out_dir}/teachers/demo-teacher`` exists and was exported
+    from the current final checkpoint, nothing is retrained or rewritten (an
+    interrupted training resumes from its own checkpoint).
+
+    Args:
+        train_data: ``lmdb/train`` folder.
+        val_data: ``lmdb/valid`` folder for its validation (or ``None``).
+        out_dir: The kit's output folder; the run goes to ``{out_dir}/runs/demo-teacher``.
+        **overrides: :class:`TrainConfig` fields, e.g. ``max_epochs=30``.
+
+    Returns:
+        The teacher folder, loadable with ``load_teacher(path)``.
+    """
+    from .teachers import export_cnclip_teacher
+
+    out_dir = Path(out_dir)
+    cfg = TrainConfig(train_data=str(train_data), val_data=str(val_data) if val_data else None,
+                      logs=str(out_dir / "runs"), name="demo-teacher", preset="demo-teacher",
+                      **{"batch_size": 32, "lr": 1e-3, "warmup": 20, "max_epochs": 30, "use_augment": False,
+                         "valid_epoch_interval": 10, **overrides})
+    teacher_dir = out_dir / "teachers" / "demo-teacher"
+    stamp = teacher_dir / "exported_from.json"
+    result = train(cfg)
+    source = {"checkpoint": str(result.checkpoint.resolve()), "steps": result.steps,
+              "mtime_ns": result.checkpoint.stat().st_mtime_ns}
+    if stamp.is_file() and json.loads(stamp.read_text()) == source:
+        logger.info("demo teacher is up to date: %s", teacher_dir)
+        return teacher_dir
+    model, info = load_student(result.checkpoint)
+    vision, text = split_model_info(info)
+    export_cnclip_teacher(model, teacher_dir, vision_model=vision, text_model=text)
+    stamp.write_text(json.dumps(source))
+    return teacher_dir
+
+
+def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
+                     batch_size: int = 64) -> dict:
+    """Image→image category metrics of a teacher on a prepared split, through its own preprocessing."""
+    from .teachers import load_teacher
+
+    teacher = load_teacher(str(teacher_name), device=device)
+    import torch
+
+    return evaluate_encoder(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
+                            teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
+
+
+def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Sequence[str] = ("cosine", "feature",
+               "relation"), include_baseline: bool = True, include_teacher: bool = True,
+               include_start: bool = False, table_path: str | os.PathLike | None = None) -> list[dict]:
+    """Train the same student without KD and with each KD loss, then evaluate all on held-out data.
+
+    Args:
+        base: The common training configuration; its ``teacher_model_name`` is the teacher.
+            Each run is named ``{base.name}-{variant}`` and resumes/reuses its own folder.
+        eval_data: Held-out ``lmdb/{split}`` folder (e.g. ``lmdb/test``) for the table.
+        kd_losses: KD losses to try.
+        include_baseline: Also fine-tune without distillation.
+        include_teacher: Add the teacher's own row.
+        include_start: Add the student's starting weights (``base.resume``, e.g. pretrained) as a row.
+        table_path: Write the table there as JSON (atomically).
+
+    Returns:
+        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "checkpoint"}``, in run order.
+    """
+    rows: list[dict] = []
+
+    def add(model: str, kd_loss: str | None, metrics: dict, checkpoint: str | None) -> None:
+        rows.append({"model": model, "kd_loss": kd_loss or "-", **{k: metrics[k] for k in
+                     ("p@10", "map@10", "r@1", "r@5", "r@10")}, "checkpoint": checkpoint})
+
+    if include_teacher and base.teacher_model_name:
+        add(f"teacher 教师 ({Path(base.teacher_model_name).name})", None,
+            evaluate_teacher(base.teacher_model_name, eval_data, device=base.device or "cpu"), None)
+    if include_start:
+        model, info = load_student(base.resume, vision_model=base.vision_model, text_model=base.text_model,
+                                   preset=base.preset, download_root=base.download_root)
+        add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"]),
+            base.resume)
+    variants: list[tuple[str, str | None]] = ([("finetune", None)] if include_baseline else [])
+    variants += [(f"kd-{name}", name) for name in kd_losses]
+    for suffix, kd in variants:
+        cfg = replace(base, name=f"{base.name}-{suffix}", distillation=kd is not None, kd_loss=kd or base.kd_loss)
+        result = train(cfg)
+        model, info = load_student(result.checkpoint)
+        label = "student fine-tuned 学生微调" if kd is None else f"student + KD 学生蒸馏 ({kd})"
+        add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"]), str(result.checkpoint))
+    if table_path is not None:
+        table_path = Path(table_path)
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = table_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"eval_data": str(eval_data), "base": asdict(base), "rows": rows},
+                                  ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, table_path)
+    return rows
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+    """The comparison rows as a Markdown table (metrics to 3 decimals)."""
+    head = "| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 |\n|---|---|---:|---:|---:|---:|---:|"
+    body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join(f"{r[k]:.3f}" for k in
+            ("p@10", "map@10", "r@1", "r@5", "r@10")) + " |" for r in rows]
+    return "\n".join([head, *body])
+
+
+#: Training defaults of the two notebook presets.
+PRESET_DEFAULTS = {
+    # Offline, CPU, sample data, minutes: small student distilled from the demo teacher.
+    "demo": {"preset": "demo", "batch_size": 32, "max_epochs": 15, "lr": 1e-3, "warmup": 20, "num_workers": 0,
+             "valid_epoch_interval": 5, "device": "cpu"},
+    # The real thing: ViT-B-16 from cn_clip's pretrained weights, a ModelScope teacher, a GPU.
+    "base": {"vision_model": "ViT-B-16", "text_model": "RoBERTa-wwm-ext-base-chinese", "resume": "ViT-B-16",
+             "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100, "num_workers": 4,
+             "valid_epoch_interval": 1, "precision": "auto"},
+}
+
+
+def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` for notebook preset ``demo`` or ``base``; overrides with value 0/""/None are ignored.
+
+    Args:
+        preset: ``"demo"`` or ``"base"``.
+        data_dir: A prepared dataset folder (``lmdb/{train,valid}`` inside).
+        out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
+        **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value).
+    """
+    if preset not in PRESET_DEFAULTS:
+        raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESET_DEFAULTS)}")
+    values = {**PRESET_DEFAULTS[preset], **{k: v for k, v in overrides.items() if v not in (0, "", None)}}
+    data_dir = Path(data_dir)
+    return TrainConfig(train_data=str(data_dir / "lmdb" / "train"), val_data=str(data_dir / "lmdb" / "valid"),
+                       logs=str(Path(out_dir) / "runs"), **values)

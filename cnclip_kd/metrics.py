@@ -1,0 +1,104 @@
+"""Image→image retrieval metrics: Precision@k, mAP@k, Recall@k, with the query itself excluded.
+
+Used by validation during training and by the retrieval evaluation. A gallery
+item is relevant to a query when it has the same label (category, or product id).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def top_k(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_self: bool = False,
+          chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine nearest neighbours by brute force, in chunks of queries.
+
+    Args:
+        query: ``[Q, D]`` features (normalised inside).
+        gallery: ``[G, D]`` features (normalised inside).
+        k: Neighbours per query (capped at the gallery size).
+        exclude_self: Query ``i`` is gallery item ``i`` and must not match itself.
+        chunk: Queries per matrix product, to bound memory.
+
+    Returns:
+        ``(scores, indices)``, each ``[Q, k]``, best first.
+    """
+    q = torch.nn.functional.normalize(query.float(), dim=-1)
+    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
+    k = min(k, g.shape[0] - (1 if exclude_self else 0))
+    scores, indices = [], []
+    for start in range(0, q.shape[0], chunk):
+        sim = q[start:start + chunk] @ g.T
+        if exclude_self:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + start] = float("-inf")
+        s, i = sim.topk(k, dim=1)
+        scores.append(s)
+        indices.append(i)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def ranking_metrics(relevant: np.ndarray, n_relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Metrics from a ``[Q, K]`` boolean hit matrix (rank order) and each query's number of relevant items.
+
+    Queries with no relevant item in the gallery are left out (they cannot be
+    answered right); ``n_queries`` counts the ones kept.
+
+    Returns:
+        ``{"p@K": …, "map@K": …, "r@k": … for k in ks, "n_queries": …}`` where
+        K = the hit matrix width; ``p@K`` = mean fraction of the top K that is
+        relevant; ``map@K`` = mean of AP@K = Σ_i P@i·rel_i / min(R, K);
+        ``r@k`` = fraction of queries with at least one relevant item in the top k.
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    n_relevant = np.asarray(n_relevant)
+    keep = n_relevant > 0
+    rel, nrel = relevant[keep], n_relevant[keep]
+    big_k = relevant.shape[1]
+    out: dict = {"n_queries": int(keep.sum())}
+    if not len(rel):
+        out.update({f"p@{big_k}": 0.0, f"map@{big_k}": 0.0, **{f"r@{k}": 0.0 for k in ks}})
+        return out
+    cum = np.cumsum(rel, axis=1)
+    precision_at_i = cum / np.arange(1, big_k + 1)
+    ap = (precision_at_i * rel).sum(axis=1) / np.minimum(nrel, big_k)
+    out[f"p@{big_k}"] = float(rel.mean())
+    out[f"map@{big_k}"] = float(ap.mean())
+    for k in ks:
+        out[f"r@{k}"] = float(rel[:, :k].any(axis=1).mean())
+    return out
+
+
+def image_to_image_metrics(features: torch.Tensor, labels: Sequence, *, k: int = 10,
+                           ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Leave-one-out image→image retrieval within one set.
+
+    Every image queries all the others (itself excluded); a hit is a neighbour
+    with the same label.
+
+    Args:
+        features: ``[N, D]`` image features.
+        labels: ``N`` labels (category names or product ids).
+        k: Depth of P@k and mAP@k.
+        ks: Depths of Recall@k.
+
+    Returns:
+        See :func:`ranking_metrics`, e.g. ``{"p@10": 0.61, "map@10": …, "r@1": …}``.
+    """
+    labels = np.asarray(labels)
+    if len(labels) != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {len(labels)} labels")
+    depth = max(k, *ks)
+    _, idx = top_k(features, features, depth, exclude_self=True)
+    idx = idx.cpu().numpy()
+    hits = labels[idx] == labels[:, None]
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n_relevant = counts[inverse] - 1
+    out = ranking_metrics(hits[:, :k], n_relevant, ks=[x for x in ks if x <= k])
+    for x in ks:
+        if x > k:
+            out[f"r@{x}"] = float(hits[n_relevant > 0, :x].any(axis=1).mean()) if (n_relevant > 0).any() else 0.0
+    return out

@@ -1,0 +1,247 @@
+"""Students: Chinese-CLIP models by architecture name, from pretrained weights, a checkpoint or scratch.
+
+A model is always cn_clip's own :class:`cn_clip.clip.model.CLIP`. Its shape is
+described by ``model_info`` (cn_clip's vision + text config JSONs merged), so
+the real architectures (``ViT-B-16`` @ ``RoBERTa-wwm-ext-base-chinese`` …) and
+the small CPU presets used by the offline demo and the tests are built the same
+way. Checkpoints are written in cn_clip's format and carry ``model_info``, so
+this kit reloads any of them without extra arguments, and cn_clip's
+``load_from_name(ckpt, vision_model_name=..., text_model_name=..., input_resolution=...)``
+loads those of real architectures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+logger = logging.getLogger(__name__)
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+_TINY_TEXT = {
+    "vocab_size": 21128,  # the cn_clip tokenizer's vocabulary; cannot shrink
+    "text_attention_probs_dropout_prob": 0.0,
+    "text_hidden_act": "gelu",
+    "text_hidden_dropout_prob": 0.0,
+    "text_initializer_range": 0.02,
+    "text_max_position_embeddings": 64,
+    "text_type_vocab_size": 2,
+}
+
+#: Small architectures for CPU demos and tests (trained from scratch, so no
+#: dropout). ``demo-teacher`` is the larger model the offline demo trains first
+#: and distils from; ``demo`` is its student; ``tiny`` is for unit tests.
+PRESETS: dict[str, dict] = {
+    "tiny": {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
+             "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 32,
+             "text_intermediate_size": 64, "text_num_attention_heads": 2, "text_num_hidden_layers": 1},
+    "demo": {"embed_dim": 128, "image_resolution": 64, "vision_layers": 4, "vision_width": 128,
+             "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 128,
+             "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
+    "demo-teacher": {"embed_dim": 256, "image_resolution": 64, "vision_layers": 6, "vision_width": 256,
+                     "vision_patch_size": 8, "vision_head_width": 64, **_TINY_TEXT, "text_hidden_size": 128,
+                     "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
+}
+
+#: cn_clip pretrained names → (vision, text) architecture, as cn_clip's _MODEL_INFO says.
+PRETRAINED = {
+    "ViT-B-16": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14-336": ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-H-14": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"),
+    "RN50": ("RN50", "RBT3-chinese"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A student could not be built or loaded; the message names the file and the fix."""
+
+
+def _config_dir() -> Path:
+    from cn_clip.clip import utils as clip_utils
+
+    return Path(clip_utils.__file__).parent / "model_configs"
+
+
+def architectures() -> tuple[list[str], list[str]]:
+    """Vision and text architecture names cn_clip knows (its model_configs folder)."""
+    names = sorted(p.stem for p in _config_dir().glob("*.json"))
+    text = [n for n in names if "chinese" in n.lower()]
+    return [n for n in names if n not in text], text
+
+
+def model_info(vision_model: str = "ViT-B-16", text_model: str = "RoBERTa-wwm-ext-base-chinese",
+               preset: str | None = None) -> dict:
+    """The merged cn_clip config of an architecture, or of a preset.
+
+    Args:
+        vision_model: cn_clip vision architecture, e.g. ``"ViT-B-16"``.
+        text_model: cn_clip text architecture, e.g. ``"RoBERTa-wwm-ext-base-chinese"``.
+        preset: One of :data:`PRESETS`; overrides the two names.
+
+    Raises:
+        ModelLoadError: Unknown architecture or preset name (the message lists the valid ones).
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ModelLoadError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[preset])
+    info: dict = {}
+    vision, text = architectures()
+    for name, valid in ((vision_model, vision), (text_model, text)):
+        path = _config_dir() / f"{name.replace('/', '-')}.json"
+        if not path.is_file():
+            raise ModelLoadError(f"unknown architecture {name!r}; cn_clip knows vision {vision} and text {text}")
+        info.update(json.loads(path.read_text()))
+    if isinstance(info["vision_layers"], str):
+        # cn_clip's RN50 config writes the layer tuple as a string.
+        info["vision_layers"] = json.loads(info["vision_layers"].replace("(", "[").replace(")", "]"))
+    return info
+
+
+def build_model(info: dict) -> torch.nn.Module:
+    """Build a cn_clip ``CLIP`` in fp32 from a merged config (random weights)."""
+    from cn_clip.clip.model import CLIP
+
+    # cn_clip's CLIP prints nothing, but create_model does; we call CLIP directly.
+    return CLIP(**info).float()
+
+
+def image_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Chinese-CLIP's evaluation transform (square bicubic resize, CLIP mean/std)."""
+    return Compose([
+        Resize((resolution, resolution), interpolation=InterpolationMode.BICUBIC),
+        ToTensor(),
+        Normalize(MEAN, STD),
+    ])
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Drop DDP/compile prefixes (``module.``, ``_orig_mod.``) and cn_clip's unused BERT pooler."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        if "bert.pooler" in k:
+            continue
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint a user hands us, safely (``weights_only=True``).
+
+    Raises:
+        ModelLoadError: Missing file, not a torch checkpoint, or not in cn_clip's format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file; all mean the same to a user
+        raise ModelLoadError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelLoadError(f"{path}: not a Chinese-CLIP checkpoint (expected a dict with 'state_dict')")
+    return ckpt
+
+
+def _info_from_checkpoint(ckpt: dict, path: Path, vision_model: str | None, text_model: str | None,
+                          preset: str | None) -> dict:
+    if "model_info" in ckpt:
+        return dict(ckpt["model_info"])
+    if preset or (vision_model and text_model):
+        return model_info(vision_model or "ViT-B-16", text_model or "RoBERTa-wwm-ext-base-chinese", preset)
+    raise ModelLoadError(f"{path}: the checkpoint does not say its architecture; pass vision_model and text_model "
+                         "(e.g. ViT-B-16 and RoBERTa-wwm-ext-base-chinese)")
+
+
+def load_student(
+    source: str | os.PathLike | None = None,
+    *,
+    vision_model: str = "ViT-B-16",
+    text_model: str = "RoBERTa-wwm-ext-base-chinese",
+    preset: str | None = None,
+    download_root: str | os.PathLike | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Build a student: from a checkpoint, from cn_clip pretrained weights, or random.
+
+    Args:
+        source: ``None`` (random weights), a checkpoint path (cn_clip format),
+            or a cn_clip pretrained name (``"ViT-B-16"`` …), downloaded by
+            cn_clip's own ``load_from_name(download_root=...)`` on a networked machine.
+        vision_model: Vision architecture (random init, or a checkpoint without ``model_info``).
+        text_model: Text architecture, likewise.
+        preset: A small architecture from :data:`PRESETS` instead of the names.
+        download_root: Where cn_clip keeps downloaded weights.
+
+    Returns:
+        ``(model, info)``: an fp32 ``CLIP`` on the CPU and its merged config.
+
+    Raises:
+        ModelLoadError: Unknown name, unreadable file, or weights that do not fit.
+    """
+    if source is None or str(source) == "":
+        info = model_info(vision_model, text_model, preset)
+        return build_model(info), info
+    path = Path(source)
+    if not path.is_file() and str(source) in PRETRAINED:
+        from cn_clip.clip import load_from_name
+
+        vision_model, text_model = PRETRAINED[str(source)]
+        root = str(download_root or Path.home() / ".cache" / "clip")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, _ = load_from_name(str(source), device="cpu", download_root=root)
+        except Exception as err:  # network errors come in many types
+            raise ModelLoadError(
+                f"cannot download cn_clip pretrained weights {source!r} into {root} ({type(err).__name__}: {err}). "
+                f"Offline, download clip_cn_{str(source).lower()}.pt elsewhere, put it in {root} (or pass its path)."
+            ) from err
+        return model.float(), model_info(vision_model, text_model)
+    if not path.exists():
+        raise ModelLoadError(f"{source}: neither a checkpoint file nor a cn_clip pretrained name {sorted(PRETRAINED)}")
+    ckpt = load_checkpoint(path)
+    info = _info_from_checkpoint(ckpt, path, vision_model, text_model, preset)
+    model = build_model(info)
+    load_weights(model, ckpt["state_dict"], path)
+    return model, info
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str | os.PathLike = "<state_dict>") -> None:
+    """Load a (possibly DDP-prefixed, fp16) cn_clip state dict into ``model``, resizing position embeddings."""
+    from cn_clip.clip.model import resize_pos_embed
+
+    sd = strip_module_prefix(state_dict)
+    resize_pos_embed(sd, model)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{source}: weights do not fit the architecture ({err})") from err
+
+
+def cnclip_state_dict(model: torch.nn.Module) -> dict:
+    """A state dict keyed as cn_clip's trainer saves it (``module.`` prefix, DDP-style)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """Image features of a batch (cn_clip's ``encode_image`` is not normalised; this is, by default)."""
+    model = getattr(model, "module", model)
+    feats = model.encode_image(images).float()
+    return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats

@@ -1,0 +1,558 @@
+"""Figures for the notebooks: photo grids with Chinese captions, training curves.
+
+Chinese product titles must show as characters, not boxes ("tofu"), so every
+figure function first calls :func:`setup_cjk_font`, which finds an installed
+font with Chinese glyphs and puts it first in matplotlib's sans-serif list.
+The kit depends on the PyPI package ``pylopdf-fonts-zh-cn`` (Noto Sans SC,
+SIL OFL 1.1) for that; a system CJK font (Debian/Ubuntu ``fonts-noto-cjk``,
+``fonts-wqy-microhei``, ...) or ``mplfonts`` works as well.
+
+The functions return plain :class:`matplotlib.figure.Figure` objects that are
+not registered with pyplot (no global state, no leaked figures in loops and
+tests). In a notebook, make the figure the cell's last value or call
+``IPython.display.display(fig)`` (with ``%matplotlib inline``); save it with
+:func:`save_figure`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import os
+import random
+import unicodedata
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import matplotlib
+import numpy as np
+from matplotlib import font_manager, ft2font
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageOps
+
+from .images import load_image
+
+logger = logging.getLogger(__name__)
+
+#: How to get a CJK font when none is found (pip works without root, e.g. on PAI-DSW).
+CJK_FONT_INSTALL_HINT = (
+    "pip install pylopdf-fonts-zh-cn  "
+    "(or, as root on Debian/Ubuntu: apt-get install -y fonts-noto-cjk)"
+)
+
+# A font must have all of these to be used: common characters of product titles.
+_PROBE_CHARS = "连衣裙帽子裤鞋衬衫外套"
+
+# Families drawn with Simplified Chinese glyph shapes come first; a Pan-CJK
+# font's JP/TC/KR face has the characters too, but some look foreign to a
+# mainland reader, so those are only a fallback.
+_PREFERRED_FAMILIES = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "Source Han Sans CN",
+    "WenQuanYi Micro Hei",
+    "WenQuanYi Zen Hei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "Sarasa Gothic SC",
+    "SimHei",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK TC",
+    "Noto Serif CJK SC",
+    "Noto Serif SC",
+)
+
+# pip packages that ship CJK fonts as plain files (found without importing them).
+_FONT_PACKAGES = ("pylopdf_fonts_zh_cn", "mplfonts")
+_FONT_SUFFIXES = (".otf", ".ttf", ".ttc")
+_REGULAR_STYLES = ("regular", "normal", "book", "roman")
+
+_warned_no_font = False
+
+ImageLike = Union[Image.Image, str, os.PathLike, bytes]
+
+
+# ---------------------------------------------------------------- fonts
+
+
+def _package_font_files() -> list[str]:
+    """Font files shipped inside the known pip packages, if installed."""
+    files = []
+    for name in _FONT_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            files.extend(
+                str(p) for p in sorted(Path(root).rglob("*")) if p.suffix.lower() in _FONT_SUFFIXES
+            )
+    return files
+
+
+def _candidate_font_files() -> list[str]:
+    """All font files worth probing: pip-shipped first, then matplotlib's list, then the system's."""
+    files = _package_font_files()
+    files += [entry.fname for entry in font_manager.fontManager.ttflist]
+    # matplotlib caches its font list; a font installed after the cache was
+    # written (e.g. apt-get install in a running notebook) is only seen here.
+    files += font_manager.findSystemFonts()
+    seen: set[str] = set()
+    return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def _has_cjk_glyphs(font: ft2font.FT2Font) -> bool:
+    glyphs = [font.get_char_index(ord(ch)) for ch in _PROBE_CHARS]
+    # Distinct glyphs, not just mapped ones: fallback fonts such as matplotlib's
+    # "Last Resort" map every ideograph to one placeholder box.
+    return all(glyphs) and len(set(glyphs)) == len(glyphs)
+
+
+def _cjk_faces(path: str) -> list[tuple[int, str, str]]:
+    """``(face_index, family, style)`` of each face of ``path`` that has glyphs for all probe characters."""
+    try:
+        font = ft2font.FT2Font(path)
+    except (OSError, RuntimeError, ValueError):
+        return []
+    faces = [(0, font.family_name, font.style_name)] if _has_cjk_glyphs(font) else []
+    # A .ttc holds several faces, e.g. Debian's NotoSansCJK-Regular.ttc has
+    # JP first and SC third. matplotlib < 3.10 can only use the first one.
+    for index in range(1, font.num_faces):
+        try:
+            face = ft2font.FT2Font(path, face_index=index)
+        except TypeError:
+            break
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if _has_cjk_glyphs(face):
+            faces.append((index, face.family_name, face.style_name))
+    return faces
+
+
+@functools.lru_cache(maxsize=1)
+def _find_cjk_font() -> tuple[str, int, str] | None:
+    """Pick the best CJK font face; returns ``(path, face_index, family)`` or ``None``. Cached."""
+    found = []
+    for order, path in enumerate(_candidate_font_files()):
+        for index, family, style in _cjk_faces(path):
+            rank = _PREFERRED_FAMILIES.index(family) if family in _PREFERRED_FAMILIES else len(_PREFERRED_FAMILIES)
+            # The regular weight of a family, not its bold file that happens to be listed first.
+            not_regular = style.lower() not in _REGULAR_STYLES
+            found.append((rank, not_regular, order, index, path, family))
+    if not found:
+        return None
+    *_, index, path, family = min(found)
+    return path, index, family
+
+
+def _registered_name(path: str, index: int, fallback: str) -> str:
+    """Register ``path`` with matplotlib and return the family name matplotlib knows face ``index`` by."""
+
+    def entries() -> list:
+        return [e for e in font_manager.fontManager.ttflist if e.fname == path]
+
+    if not entries():
+        font_manager.fontManager.addfont(path)
+    for entry in entries():
+        if getattr(entry, "index", 0) == index:
+            return entry.name
+    return fallback
+
+
+def setup_cjk_font() -> str | None:
+    """Make matplotlib draw Chinese text with an installed CJK font.
+
+    Looks for a font with glyphs for common product-title characters (in the
+    ``pylopdf-fonts-zh-cn`` or ``mplfonts`` pip packages, matplotlib's font
+    list, and the system's font folders), preferring Simplified Chinese
+    families. The chosen font is registered with matplotlib, put first in
+    ``rcParams["font.sans-serif"]``, ``font.family`` is set to sans-serif, and
+    ``axes.unicode_minus`` is turned off. The search runs once per process;
+    the rcParams are set again on every call (cheap), so a reset by
+    ``rcdefaults()`` or a style is undone by the next figure.
+
+    Returns:
+        The font family name, or ``None`` when no CJK font is installed. Then a
+        warning with the install command is logged (once per process) and
+        figures still render, with boxes in place of Chinese characters.
+    """
+    global _warned_no_font
+    found = _find_cjk_font()
+    if found is None:
+        if not _warned_no_font:
+            _warned_no_font = True
+            logger.warning(
+                "No font with Chinese glyphs found: Chinese text in figures will show as boxes. "
+                "Install one with: %s, then restart the kernel.",
+                CJK_FONT_INSTALL_HINT,
+            )
+        return None
+    path, index, family = found
+    name = _registered_name(path, index, family)
+    rc = matplotlib.rcParams
+    rc["font.sans-serif"] = [name] + [f for f in rc["font.sans-serif"] if f != name]
+    rc["font.family"] = ["sans-serif"]
+    # Not every CJK font has U+2212 MINUS SIGN; an ASCII hyphen always renders.
+    rc["axes.unicode_minus"] = False
+    return name
+
+
+# ---------------------------------------------------------------- grids
+
+
+def _text_width(ch: str) -> float:
+    """Approximate width of a character in units of one CJK character."""
+    return 1.0 if unicodedata.east_asian_width(ch) in ("W", "F") else 0.55
+
+
+def _wrap_caption(text: str, max_units: float, max_lines: int = 2) -> str:
+    """Wrap mixed Chinese/Latin text to lines of ``max_units`` CJK widths, with an ellipsis if cut."""
+    lines, line, used = [], "", 0.0
+    for ch in " ".join(str(text).split()):
+        w = _text_width(ch)
+        if line and used + w > max_units:
+            lines.append(line)
+            line, used = "", 0.0
+            if ch == " ":
+                continue
+        line += ch
+        used += w
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:-1] + "…"
+    return "\n".join(lines)
+
+
+def _as_square_array(image: ImageLike, side: int) -> np.ndarray:
+    """Load ``image`` and letterbox it on white to a ``side`` x ``side`` RGB array."""
+    if isinstance(image, Image.Image):
+        img = image.convert("RGB")
+    else:
+        img = load_image(image)
+    # Shrink first so padding and drawing work on a thumbnail, not a 12 MP photo.
+    img.thumbnail((side, side), Image.BICUBIC)
+    return np.asarray(ImageOps.pad(img, (side, side), color=(255, 255, 255)))
+
+
+def _image_id(image: ImageLike) -> str | None:
+    """A path-like image's path, used as the cell's ``gid``."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return None
+
+
+def _check_len(name: str, values: Sequence | None, n: int) -> None:
+    if values is not None and len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but there are {n} images")
+
+
+def _draw_cells(
+    cells: Sequence[dict[str, Any]],
+    nrows: int,
+    ncols: int,
+    *,
+    title: str | None,
+    cell_size: float,
+    row_labels: Mapping[int, str] | None = None,
+) -> Figure:
+    """Draw one axes per cell at ``cell["row"], cell["col"]``; returns the figure."""
+    setup_cjk_font()
+    has_sub = any(c.get("subtitle") for c in cells)
+    cap_lines = max((c["caption"].count("\n") + 1 for c in cells if c.get("caption")), default=0)
+    # Room under each photo for caption lines and above it for a subtitle.
+    row_h = cell_size + 0.18 * cap_lines + (0.25 if has_sub else 0.0)
+    label_w = 1.0 if row_labels else 0.0
+    fig = Figure(
+        figsize=(ncols * cell_size + label_w, nrows * row_h + (0.45 if title else 0.1)),
+        layout="constrained",
+    )
+    grid = fig.add_gridspec(nrows, ncols)
+    # About one image pixel per output pixel at save_figure's dpi, with a little headroom.
+    side = max(64, int(round(cell_size * 128)))
+    for cell in cells:
+        ax = fig.add_subplot(grid[cell["row"], cell["col"]])
+        ax.imshow(_as_square_array(cell["image"], side))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if cell.get("gid"):
+            ax.set_gid(cell["gid"])
+        frame = cell.get("frame")
+        for spine in ax.spines.values():
+            spine.set_visible(frame is not None)
+            if frame is not None:
+                spine.set_edgecolor(frame)
+                spine.set_linewidth(4)
+        if cell.get("caption"):
+            ax.set_xlabel(cell["caption"], fontsize=8, labelpad=3)
+        if cell.get("subtitle"):
+            ax.set_title(cell["subtitle"], fontsize=8, pad=3)
+        if row_labels and cell["col"] == 0 and cell["row"] in row_labels:
+            ax.set_ylabel(row_labels[cell["row"]], fontsize=11, rotation=0, ha="right", va="center", labelpad=8)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def image_grid(
+    images: Sequence[ImageLike],
+    captions: Sequence[str | None] | None = None,
+    *,
+    ncols: int = 5,
+    title: str | None = None,
+    cell_size: float = 2.2,
+    frame_colors: Sequence[Any] | None = None,
+    subtitles: Sequence[str | None] | None = None,
+) -> Figure:
+    """Show photos in a grid, with Chinese captions under them.
+
+    Photos are letterboxed on white to square cells. Each image axes has no
+    ticks; when an image is given as a path, the axes' ``gid`` is that path.
+
+    Args:
+        images: PIL images, image file paths, or encoded image bytes.
+        captions: Text under each photo (wrapped to two lines, cut with "…"),
+            or ``None`` entries for none.
+        ncols: Cells per row.
+        title: Figure title.
+        cell_size: Width of one cell in inches.
+        frame_colors: One matplotlib colour per cell (e.g. green for a Top-10
+            hit, red for a miss), or ``None`` for no frame.
+        subtitles: Short text above each photo (e.g. "#1 0.93"), or ``None``.
+
+    Returns:
+        The figure, with exactly ``len(images)`` axes.
+
+    Raises:
+        ValueError: No images, ``ncols < 1``, or a per-cell list whose length
+            differs from ``images``.
+        cnclip_kd.images.BadImageError: An image file cannot be read.
+    """
+    images = list(images)
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    for name, values in (("captions", captions), ("frame_colors", frame_colors), ("subtitles", subtitles)):
+        _check_len(name, values, len(images))
+    ncols = min(ncols, len(images))
+    max_units = cell_size * 72 / 8 * 0.95  # CJK characters per line at 8 pt
+    cells = []
+    for i, image in enumerate(images):
+        caption = captions[i] if captions is not None else None
+        cells.append(
+            {
+                "row": i // ncols,
+                "col": i % ncols,
+                "image": image,
+                "gid": _image_id(image),
+                "caption": _wrap_caption(caption, max_units) if caption else None,
+                "subtitle": subtitles[i] if subtitles is not None else None,
+                "frame": frame_colors[i] if frame_colors is not None else None,
+            }
+        )
+    return _draw_cells(cells, math.ceil(len(images) / ncols), ncols, title=title, cell_size=cell_size)
+
+
+def category_grid(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    per_category: int = 4,
+    image_root: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Figure:
+    """Show a few photos of each category: one row per category, captions under the photos.
+
+    The pick is deterministic: for each category, ``per_category`` records are
+    sampled (with a generator seeded by ``seed`` and the category) from that
+    category's records sorted by image path, so the input order does not
+    matter. Rows are in sorted category order; the row label is the category.
+
+    Args:
+        records: Dicts with keys ``"image"`` (path or encoded bytes),
+            ``"text"`` (caption) and ``"label"`` (category).
+        per_category: Photos per row (fewer when a category has fewer).
+        image_root: Folder that relative image paths are relative to.
+        seed: Changes which photos are picked.
+
+    Returns:
+        The figure; each photo's axes has ``gid`` = its resolved path.
+
+    Raises:
+        ValueError: No records, ``per_category < 1``, or a record without one
+            of the three keys.
+    """
+    if per_category < 1:
+        raise ValueError(f"per_category must be >= 1, got {per_category}")
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for i, rec in enumerate(records):
+        missing = [k for k in ("image", "text", "label") if k not in rec]
+        if missing:
+            raise ValueError(f"record {i} has no {', '.join(map(repr, missing))} (keys: {sorted(rec)})")
+        groups.setdefault(str(rec["label"]), []).append(rec)
+    if not groups:
+        raise ValueError("category_grid needs at least one record")
+
+    def resolve(image: Any) -> Any:
+        if image_root is not None and isinstance(image, (str, os.PathLike)) and not Path(image).is_absolute():
+            return os.fspath(Path(image_root) / image)
+        return image
+
+    max_units = 2.2 * 72 / 8 * 0.95
+    cells, row_labels = [], {}
+    for row, label in enumerate(sorted(groups)):
+        # Sort so the pick depends on the records, not the order they came in.
+        pool = sorted(groups[label], key=lambda r: (str(r["image"]), str(r["text"])))
+        # A per-category generator: one category's size cannot change another's pick.
+        picked = random.Random(f"{seed}:{label}").sample(pool, min(per_category, len(pool)))
+        row_labels[row] = label
+        for col, rec in enumerate(picked):
+            image = resolve(rec["image"])
+            cells.append(
+                {
+                    "row": row,
+                    "col": col,
+                    "image": image,
+                    "gid": _image_id(image),
+                    "caption": _wrap_caption(rec["text"], max_units) if rec["text"] else None,
+                }
+            )
+    return _draw_cells(cells, len(groups), per_category, title=None, cell_size=2.2, row_labels=row_labels)
+
+
+# ---------------------------------------------------------------- curves
+
+
+def _series(rows: Sequence[Mapping[str, Any]], x_key: str, key: str) -> tuple[list, list]:
+    """(x, y) for the rows that have a numeric ``key``; x falls back to the row index."""
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            xs.append(row.get(x_key, i))
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot_history(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    keys: Sequence[str] | None = None,
+    val: Sequence[Mapping[str, Any]] | None = None,
+) -> Figure:
+    """Plot training curves: losses, learning rate, and optional validation metrics.
+
+    Panels, left to right: the loss curves against ``step``; the learning rate
+    (when any row has ``"lr"``); the validation metrics against ``epoch``
+    (when ``val`` is given: every numeric key except ``"epoch"``, e.g.
+    ``"p@10"``). Rows missing a key are skipped for that curve.
+
+    Args:
+        history: One dict per logged step, e.g. ``{"step": 10, "epoch": 0,
+            "loss/total": 2.1, "loss/contrastive": 1.9, "loss/kd_cosine": 0.2,
+            "lr": 1e-5}``.
+        keys: Loss keys to draw; default: every key starting with ``"loss/"``,
+            in order of first appearance.
+        val: One dict per evaluation, e.g. ``{"epoch": 1, "p@10": 0.62}``.
+
+    Returns:
+        The figure (one axes per panel; each curve's line label is its key).
+
+    Raises:
+        ValueError: ``history`` is empty, or none of the loss keys has a value.
+    """
+    history = list(history)
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    if keys is None:
+        keys = list(dict.fromkeys(k for row in history for k in row if k.startswith("loss/")))
+    curves = {k: _series(history, "step", k) for k in keys}
+    curves = {k: xy for k, xy in curves.items() if xy[1]}
+    if not curves:
+        available = sorted({k for row in history for k in row})
+        raise ValueError(f"no loss values to plot for keys {list(keys)}; keys in history: {available}")
+    lr = _series(history, "step", "lr")
+    val = list(val or [])
+    val_keys = list(dict.fromkeys(k for row in val for k in row if k != "epoch"))
+    val_curves = {k: _series(val, "epoch", k) for k in val_keys}
+    val_curves = {k: xy for k, xy in val_curves.items() if xy[1]}
+
+    setup_cjk_font()
+    n_panels = 1 + bool(lr[1]) + bool(val_curves)
+    fig = Figure(figsize=(5.0 * n_panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+
+    ax = axes[0]
+    for key, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=key, linewidth=1.2)
+    ax.set_title("训练损失 training loss")
+    ax.set_xlabel("步数 step")
+    ax.set_ylabel("损失 loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    panel = 1
+    if lr[1]:
+        ax = axes[panel]
+        ax.plot(*lr, label="lr", color="tab:purple", linewidth=1.2)
+        ax.set_title("学习率 learning rate")
+        ax.set_xlabel("步数 step")
+        ax.set_ylabel("学习率 lr")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.grid(alpha=0.3)
+        panel += 1
+    if val_curves:
+        ax = axes[panel]
+        for key, (xs, ys) in val_curves.items():
+            ax.plot(xs, ys, marker="o", label=key, linewidth=1.2)
+        ax.set_title("验证集 validation")
+        ax.set_xlabel("轮次 epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("指标 metric")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Save ``fig`` atomically: readers never see a half-written file.
+
+    The figure is written to a temporary file in the target folder and moved
+    into place with :func:`os.replace`. Parent folders are created. The format
+    follows the suffix (PNG when there is none); the figure is not closed.
+
+    Args:
+        fig: The figure.
+        path: Target file, e.g. ``out/figures/top10.png``.
+        dpi: Resolution for raster formats.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        # os.open with 0o666 honours the umask (mkstemp would leave the file 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave no temp file behind, whatever went wrong (also Ctrl-C).
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

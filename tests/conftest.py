@@ -1,0 +1,18 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+
+@pytest.fixture
+def notebook_runner(tmp_path):
+    """Run a notebook headless in this test's ``tmp_path``; see ``notebook_harness.run_notebook``.
+
+    Usage: ``rec = notebook_runner("03_index.ipynb", {"N_IMAGES": 40})``.
+    """
+    # Imported here so that tests which never run a notebook do not need papermill.
+    from notebook_harness import run_notebook
+
+    def run(name_or_path, parameters=None, **kwargs):
+        return run_notebook(name_or_path, tmp_path, parameters, **kwargs)
+
+    return run
