@@ -4,6 +4,7 @@ Each sub-command calls the same package function its notebook calls::
 
     cnclip-kd prepare sample_data/ out/data
     cnclip-kd train --train-data out/data/lmdb/train --val-data out/data/lmdb/valid ...
+    cnclip-kd export-teacher my-vit-h.pt out/teachers/my-vit-h
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -70,7 +72,8 @@ def _field_help() -> dict[str, str]:
 
 
 # Spellings cn_clip's scripts and guides use, accepted as aliases.
-_ALIASES = {"distillation": ["--distllation"], "kd_loss_weight": ["--kd_loss_weight"]}
+# --output-dir: torchrun's own parser takes any "--logs…" as its --logs-specs, so DDP runs need another name.
+_ALIASES = {"distillation": ["--distllation"], "kd_loss_weight": ["--kd_loss_weight"], "logs": ["--output-dir"]}
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -107,9 +110,106 @@ def _run_train(args: argparse.Namespace) -> int:
     if values["precision"] == "amp":  # cn_clip's name for mixed precision
         values["precision"] = "auto"
     result = train(TrainConfig(**values))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "steps": result.steps,
                "epochs": result.epochs, "validation": result.validation[-1] if result.validation else None}
     sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
+def _add_export_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-teacher", help="cn_clip checkpoint → ModelScope CLIP teacher folder",
+                       description="Write a cn_clip checkpoint (e.g. your fine-tuned ViT-H-14) as a ModelScope "
+                                   "CLIP-format folder that --teacher-model-name accepts.")
+    p.add_argument("checkpoint", help="cn_clip-format checkpoint (*.pt)")
+    p.add_argument("out_dir", help="teacher folder to write")
+    p.add_argument("--vision-model", default=None, help="vision architecture (default: read from the checkpoint)")
+    p.add_argument("--text-model", default=None, help="text architecture (default: read from the checkpoint)")
+    p.set_defaults(func=_run_export_teacher)
+
+
+def _run_export_teacher(args: argparse.Namespace) -> int:
+    from .experiments import split_model_info
+    from .models import load_student
+    from .teachers import export_cnclip_teacher
+
+    kwargs = {k: v for k, v in (("vision_model", args.vision_model), ("text_model", args.text_model)) if v}
+    model, info = load_student(args.checkpoint, **kwargs)
+    vision, text = split_model_info(info)
+    out = export_cnclip_teacher(model, args.out_dir, vision_model=vision, text_model=text)
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="embed a gallery, build a FAISS index, evaluate it (notebook 03)",
+                       description="Embed a gallery with one model (resumable), build a FAISS index (exact or "
+                                   "approximate with measured recall@10), evaluate image-to-image retrieval and "
+                                   "save the index folder.")
+    p.add_argument("model", help="student checkpoint (*.pt), cn_clip pretrained name (ViT-B-16) or "
+                                 "teacher:<hub id | ModelScope folder | cnclip:ARCH | random:ARCH>")
+    p.add_argument("out_dir", help="index folder to write (replaced as a whole), e.g. out/index/my-model")
+    gallery = p.add_mutually_exclusive_group(required=True)
+    gallery.add_argument("--data", help="prepared dataset folder (cnclip-kd prepare); see --split")
+    gallery.add_argument("--source", help="photo folder (one sub-folder per category) or manifest .csv/.jsonl")
+    p.add_argument("--split", default="test", help="split of --data used as the gallery (default: test)")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfsq", "ivfpq"],
+                   help="index kind (default auto: exact up to 50k images, else approximate)")
+    p.add_argument("--memory-budget-mb", type=float, default=None, help="memory the index may take (auto)")
+    p.add_argument("--k", type=int, default=10, help="evaluation depth (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--cache-dir", default=None, help="embedding chunks/cache (default: beside out_dir)")
+    p.add_argument("--vision-model", default=None, help="architecture of a checkpoint that does not record it")
+    p.add_argument("--text-model", default=None, help="likewise")
+    p.set_defaults(func=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .index import gallery_from_source, gallery_from_split, index_model, load_encoder
+
+    gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source)
+    encoder = load_encoder(args.model, device=args.device, vision_model=args.vision_model,
+                           text_model=args.text_model)
+    index = index_model(args.model, gallery, args.out_dir, cache_dir=args.cache_dir, kind=args.kind,
+                        memory_budget_mb=args.memory_budget_mb, k=args.k, batch_size=args.batch_size,
+                        num_workers=args.num_workers, encoder=encoder)
+    summary = {"index_dir": str(Path(args.out_dir).resolve()),
+               **{k: index.stats.get(k) for k in ("kind", "n", "dim", "bytes", "build_s", "recall@10", "search_ms")},
+               "eval": {k: v for k, v in index.stats["eval"].items() if k != "per_label"}}
+    sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="image-to-image P@10, mAP@10, R@k of saved indexes; comparison table",
+                       description="Evaluate saved index folders (cnclip-kd index / notebook 03) leave-one-out: "
+                                   "every gallery image queries the others; a hit has the same category (and "
+                                   "product id, when given). Prints a Markdown table.")
+    p.add_argument("indexes", nargs="+", help="index folders; each one's folder name is its row name")
+    p.add_argument("--k", type=int, default=10, help="depth of P@k and mAP@k (default 10)")
+    p.add_argument("--out", default=None, help="also write comparison.csv and comparison.json into this folder")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .index import GalleryIndex, comparison_markdown, evaluate_index, metrics_row, write_comparison
+
+    rows = []
+    for directory in args.indexes:
+        index = GalleryIndex.load(directory)
+        rows.append(metrics_row(Path(directory).resolve().name, index, evaluate_index(index, k=args.k)))
+    sys.stdout.write(comparison_markdown(rows) + "\n")
+    if args.out:
+        csv_path, _ = write_comparison(rows, args.out, extra={"indexes": [str(Path(d).resolve()) for d in args.indexes],
+                                                              "k": args.k})
+        sys.stdout.write(f"\n-> {csv_path}\n")
     return 0
 
 
@@ -120,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_train(sub)
+    _add_export_teacher(sub)
+    _add_index(sub)
+    _add_eval(sub)
     return parser
 
 

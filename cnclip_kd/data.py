@@ -458,7 +458,7 @@ def _encode_record(rec: Record, max_side: int | None, max_pixels: int) -> bytes:
     return encode_jpeg(small)
 
 
-def _write_lmdb(split_dir: Path, images: list[tuple[int, str]], pairs: list[tuple[int, int, str]]) -> None:
+def write_lmdb_split(split_dir: Path, images: list[tuple[int, str]], pairs: list[tuple[int, int, str]]) -> None:
     """Write ``imgs`` and ``pairs`` LMDBs exactly as cn_clip's build_lmdb_dataset.py does."""
     total = sum(len(b) for _, b in images) + sum(len(t) * 4 + 64 for *_, t in pairs)
     map_size = max(total * 2, 1 << 24) + (1 << 24)
@@ -635,7 +635,7 @@ def prepare_dataset(
                 fh.writelines(line + "\n" for line in lines)
             split_dir = tmp / "lmdb" / split
             split_dir.mkdir(parents=True)
-            _write_lmdb(split_dir, images, pairs)
+            write_lmdb_split(split_dir, images, pairs)
         with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=["image_id", "split", "label", "product_id", "text", "source"])
             w.writeheader()

@@ -102,3 +102,48 @@ def image_to_image_metrics(features: torch.Tensor, labels: Sequence, *, k: int =
         if x > k:
             out[f"r@{x}"] = float(hits[n_relevant > 0, :x].any(axis=1).mean()) if (n_relevant > 0).any() else 0.0
     return out
+
+
+def neighbour_hits(labels: Sequence, neighbours: np.ndarray,
+                   query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hit matrix and relevant counts for leave-one-out retrieval in a labelled gallery.
+
+    Args:
+        labels: ``N`` gallery labels (category or product id); ``""``/``None`` = unknown.
+        neighbours: ``[Q, K]`` gallery row indices per query, best first, the query
+            itself already left out; ``-1`` = no result.
+        query_rows: Gallery row of each query (default ``0 … Q-1``).
+
+    Returns:
+        ``(hits, n_relevant)``: ``[Q, K]`` booleans (the neighbour has the query's
+        label) and ``[Q]`` counts of other gallery items with the query's label —
+        0 for a query of unknown label, so :func:`ranking_metrics` leaves it out.
+    """
+    labels = np.array(["" if x is None else str(x) for x in labels], dtype=object)
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    rows = np.arange(len(neighbours)) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
+    query_labels = labels[rows]
+    found = np.where(neighbours >= 0, labels[np.clip(neighbours, 0, None)], None)
+    known = query_labels != ""
+    hits = (found == query_labels[:, None]) & (neighbours >= 0) & known[:, None]
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n_relevant = np.where(known, counts[inverse][rows] - 1, 0)
+    return hits.astype(bool), n_relevant.astype(np.int64)
+
+
+def grouped_ranking_metrics(relevant: np.ndarray, n_relevant: np.ndarray, groups: Sequence,
+                            ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """:func:`ranking_metrics` separately for each group of queries (e.g. per category).
+
+    Args:
+        relevant: ``[Q, K]`` hit matrix.
+        n_relevant: ``[Q]`` relevant counts.
+        groups: ``Q`` group names; queries of group ``""`` are skipped.
+
+    Returns:
+        ``{group: metrics}`` in sorted group order.
+    """
+    groups = np.array(["" if g is None else str(g) for g in groups], dtype=object)
+    relevant, n_relevant = np.asarray(relevant, dtype=bool), np.asarray(n_relevant)
+    return {str(g): ranking_metrics(relevant[groups == g], n_relevant[groups == g], ks=ks)
+            for g in sorted(set(groups.tolist())) if g != ""}

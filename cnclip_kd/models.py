@@ -229,7 +229,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str | os.Path
     try:
         model.load_state_dict(sd)
     except RuntimeError as err:
-        raise ModelLoadError(f"{source}: weights do not fit the architecture ({err})") from err
+        raise ModelLoadError(f"{source}: weights do not fit the architecture; is it the right "
+                             f"vision/text model (e.g. --vision-model ViT-H-14 --text-model "
+                             f"RoBERTa-wwm-ext-large-chinese)? ({str(err)[:500]})") from err
 
 
 def cnclip_state_dict(model: torch.nn.Module) -> dict:

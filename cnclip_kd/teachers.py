@@ -279,7 +279,7 @@ def _valid_forms() -> str:
             "the class's config/vocab files), e.g. one made by export_cnclip_teacher\n"
             "  - cnclip:<ARCH>, cn_clip pretrained weights via load_from_name, ARCH one of "
             f"{', '.join(_cnclip_archs())}\n"
-            "  - random:<ARCH> or random:<VISION>@<TEXT>, a cn_clip architecture with random "
+            "  - random:<ARCH>, random:<VISION>@<TEXT> or random:preset:<PRESET>, an architecture with random "
             "weights (benchmarks/tests)\n"
             "  - a cn_clip checkpoint file (*.pt with 'state_dict'); pass vision_model/text_model "
             "unless the checkpoint records them")
@@ -561,6 +561,14 @@ def _cnclip_teacher(model: nn.Module, name: str, info: dict) -> Teacher:
 
 
 def _arch_info(arch: str) -> dict:
+    if arch.startswith("preset:"):
+        # The kit's small architectures (cnclip_kd.models.PRESETS), for CPU tests and benchmarks.
+        from .models import ModelLoadError, model_info
+
+        try:
+            return model_info(preset=arch.split(":", 1)[1])
+        except ModelLoadError as err:
+            raise TeacherLoadError(str(err)) from None
     if "@" in arch:
         vision, text = arch.split("@", 1)
     else:
@@ -643,7 +651,7 @@ def load_teacher(name: str, *, device: Union[str, torch.device] = "cpu",
             first, then the hub, failing within seconds when it is unreachable), a
             local ModelScope model directory (kind read from configuration.json),
             ``"cnclip:<ARCH>"`` (cn_clip pretrained via ``load_from_name``),
-            ``"random:<ARCH>"`` / ``"random:<VISION>@<TEXT>"`` (cn_clip architecture
+            ``"random:<ARCH>"`` / ``"random:<VISION>@<TEXT>"`` / ``"random:preset:<PRESET>"`` (architecture
             with fixed-seed random weights), or a cn_clip checkpoint file (``*.pt``).
         device: Where the teacher runs. On CPU parameters are float32; on CUDA they
             keep the dtype the loader gives (CLIP/cn_clip: fp16, as upstream).

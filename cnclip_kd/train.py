@@ -545,6 +545,34 @@ def evaluate_lmdb(model: torch.nn.Module, lmdb_dir: str | os.PathLike, *, resolu
 # --------------------------------------------------------------------------- training
 
 
+class _PendingLosses:
+    """One step's losses, copied to the host without blocking; read when the next step is queued.
+
+    A ``float(loss)`` per step would make the CPU wait for the GPU every step.
+    Copying asynchronously and reading a step later keeps the GPU busy, and
+    nothing is saved before the copy is read and checked (a non-finite loss
+    still stops the run before any checkpoint is written).
+    """
+
+    def __init__(self, losses: dict, finite: torch.Tensor, row: dict):
+        self.keys = list(losses)
+        values = torch.stack([v.detach().float() for v in losses.values()] + [finite.float()])
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = values, None
+        self.row = row
+
+    def read(self) -> tuple[dict, bool]:
+        if self.event is not None:
+            self.event.synchronize()
+        *vals, ok = self.host.tolist()
+        return {**self.row, **{f"loss/{k}": v for k, v in zip(self.keys, vals)}}, bool(ok)
+
+
 class _StudentWithKD(torch.nn.Module):
     """The trainable parts in one module, so DDP syncs the KD projector's gradients too."""
 
@@ -590,6 +618,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
     history_path = run_dir / "history.jsonl"
     if d.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".*.tmp"):  # half-written checkpoints of a killed attempt (GBs each)
+            stale.unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, ensure_ascii=False))
 
     # ---- student
@@ -673,8 +703,9 @@ def train(config: TrainConfig | dict) -> TrainResult:
             scaler.load_state_dict(start_ckpt["scaler"])
         if start_ckpt.get("rng"):
             _set_rng_state(start_ckpt["rng"])
-        if d.is_main:
-            _truncate_history(history_path, step)
+    if d.is_main:
+        # Also without a checkpoint of our own: rows of an attempt killed before its first save are stale.
+        _truncate_history(history_path, step)
 
     model = module
     if d.world_size > 1:
@@ -722,9 +753,29 @@ def train(config: TrainConfig | dict) -> TrainResult:
         log_row(row)
         logger.info("epoch %d validation: P@10 %.4f  mAP@10 %.4f", ep, metrics["p@10"], metrics["map@10"])
 
+    pending: _PendingLosses | None = None
+    finite = None
+
+    def flush() -> None:
+        """Log the previous step's losses; stop, before anything is saved, if they were not finite."""
+        nonlocal pending
+        if pending is None:
+            return
+        row, ok = pending.read()
+        pending = None
+        if not ok:
+            where = f"{last_good}" if last_good else "none written yet"
+            raise NonFiniteLossError(
+                f"loss is {row['loss/total']} at step {row['step']} (epoch {row['epoch']}); stopped without saving. "
+                f"Last good checkpoint: {where}. Lower --lr, raise --warmup, or use --precision fp32/bf16.")
+        log_row(row)
+        if d.is_main:
+            bar.set_postfix(loss=f"{row['loss/total']:.4f}")
+
     module.train()
     if teacher is not None:
         teacher.train()  # a no-op by design: the teacher stays in eval mode
+    bar = None
     done = step >= total_steps
     while epoch < max_epochs and not done:
         batches = epoch_batches(len(dataset), global_batch, cfg.seed, epoch)
@@ -745,7 +796,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             teacher_feats = None
             if teacher is not None:
                 if cache is not None:
-                    teacher_feats = cache.lookup(batch["image_id"]).to(d.device)
+                    teacher_feats = cache.lookup(batch["image_id"]).to(d.device, non_blocking=True)
                 else:
                     with torch.no_grad(), _autocast(d.device, autocast_dtype):
                         teacher_feats = teacher.encode_image(batch["teacher_image"].to(d.device, non_blocking=True))
@@ -753,11 +804,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
                 img_f, txt_f, scale = forward(images, texts)
                 losses = loss_fn(img_f, txt_f, scale, teacher_feats)
             total = losses["total"]
-            if not torch.isfinite(total.detach()).all():
-                where = f"{last_good}" if last_good else "none written yet"
-                raise NonFiniteLossError(
-                    f"loss is {total.item()} at step {step + 1} (epoch {epoch + 1}); stopped without saving. "
-                    f"Last good checkpoint: {where}. Lower --lr, raise --warmup, or use --precision fp32/bf16.")
+            finite = torch.isfinite(total.detach()) if finite is None else finite & torch.isfinite(total.detach())
             (scaler.scale(total / cfg.accum_freq) if scaler else total / cfg.accum_freq).backward()
             micro += 1
             if micro % cfg.accum_freq:
@@ -776,28 +823,36 @@ def train(config: TrainConfig | dict) -> TrainResult:
             epoch_step += 1
             elapsed = time.perf_counter() - t0
             t0 = time.perf_counter()
-            row = {"step": step, "epoch": epoch + 1, "lr": lr_at(step - 1),
-                   "samples_per_s": global_batch * cfg.accum_freq / max(elapsed, 1e-9),
-                   **{f"loss/{k}": float(v.detach()) for k, v in losses.items()}}
-            log_row(row)
+            # Read this step's losses one step late (see _PendingLosses), so the GPU never idles on a sync.
+            flush()
+            pending = _PendingLosses(losses, finite, {
+                "step": step, "epoch": epoch + 1, "lr": lr_at(step - 1),
+                "samples_per_s": global_batch * cfg.accum_freq / max(elapsed, 1e-9)})
+            finite = None
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss/total']:.4f}")
             if cfg.save_step_frequency and step % cfg.save_step_frequency == 0 and epoch_step < steps_per_epoch:
+                flush()
                 save(latest, epoch, epoch_step)
                 last_good = latest
             if step >= total_steps:
                 done = True
                 break
+        flush()
         bar.close()
-        epoch += 1
-        epoch_step = 0
-        if (epoch % cfg.valid_epoch_interval == 0) or done or epoch == max_epochs:
-            validate(epoch)
-        save(latest, epoch, 0)
+        partial = done and epoch_step < steps_per_epoch  # stopped by max_steps inside the epoch
+        if not partial:
+            epoch += 1
+            epoch_step = 0
+        label = epoch + 1 if partial else epoch
+        if partial or label % cfg.valid_epoch_interval == 0 or done or label == max_epochs:
+            validate(label)
+        save(latest, epoch, epoch_step)
         last_good = latest
-        if cfg.save_epoch_frequency and epoch % cfg.save_epoch_frequency == 0 and d.is_main:
+        if not partial and cfg.save_epoch_frequency and epoch % cfg.save_epoch_frequency == 0 and d.is_main:
             import shutil
-            shutil.copyfile(latest, ckpt_dir / f"epoch{epoch}.pt")
+            tmp = ckpt_dir / f".epoch{epoch}.pt.tmp"  # a kill mid-copy must not leave a truncated epochN.pt
+            shutil.copyfile(latest, tmp)
+            os.replace(tmp, ckpt_dir / f"epoch{epoch}.pt")
         _barrier(d)
 
     if d.is_main:

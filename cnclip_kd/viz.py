@@ -556,3 +556,76 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------- top-10
+
+
+#: Frame colours of :func:`top10_figure`.
+HIT_COLOR = "#2ca02c"  # same category as the query
+MISS_COLOR = "#d62728"  # another category
+UNKNOWN_COLOR = "#9e9e9e"  # the query's or the hit's category is unknown
+QUERY_COLOR = "#1f77b4"
+
+
+def _hit_color(query_label: Any, label: Any) -> str:
+    if query_label in (None, "") or label in (None, ""):
+        return UNKNOWN_COLOR
+    return HIT_COLOR if str(label) == str(query_label) else MISS_COLOR
+
+
+def top10_figure(
+    query_image: ImageLike,
+    query_caption: str | None,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    query_label: str | None = None,
+    cell_size: float = 2.0,
+) -> Figure:
+    """The Top-10 layout: the query at the top left, Top-1 … Top-10 to its right in two rows of five.
+
+    Each hit is framed green when it has the query's category, red when it has
+    another, grey when either is unknown; above it "Top-i", its score and 同类/异类
+    (same/other category), under it its caption (Chinese renders as characters).
+
+    Args:
+        query_image: The query photo (PIL image, path or encoded bytes).
+        query_caption: Its caption, or ``None``.
+        results: Up to 10 hits, best first, each a dict with ``"image"`` (PIL image,
+            path or bytes) and optionally ``"score"``, ``"caption"``, ``"label"``
+            (e.g. :meth:`cnclip_kd.index.GalleryIndex.results`).
+        title: Figure title (e.g. the model's name).
+        query_label: The query's category; ``None`` frames every hit grey.
+        cell_size: Width of one photo in inches.
+
+    Returns:
+        The figure: 11 (or fewer) image axes, ``gid`` ``"query"`` and ``"top-1"`` …
+        ``"top-10"``, and a legend under the grid.
+
+    Raises:
+        ValueError: More than 10 results, or a result without ``"image"``.
+    """
+    results = list(results)
+    if len(results) > 10:
+        raise ValueError(f"top10_figure shows at most 10 results, got {len(results)}")
+    for i, hit in enumerate(results):
+        if "image" not in hit or hit["image"] is None:
+            raise ValueError(f"result {i + 1} has no 'image' (keys: {sorted(hit)})")
+    max_units = cell_size * 72 / 8 * 0.95
+    query_sub = "查询 query" + (f" · {query_label}" if query_label else "")
+    cells = [{"row": 0, "col": 0, "image": query_image, "gid": "query", "frame": QUERY_COLOR,
+              "subtitle": query_sub, "caption": _wrap_caption(query_caption, max_units) if query_caption else None}]
+    for i, hit in enumerate(results):
+        color = _hit_color(query_label, hit.get("label"))
+        verdict = {HIT_COLOR: " 同类", MISS_COLOR: " 异类", UNKNOWN_COLOR: ""}[color]
+        score = hit.get("score")
+        subtitle = f"Top-{i + 1}" + (f"  {float(score):.3f}" if score is not None else "") + verdict
+        caption = hit.get("caption")
+        cells.append({"row": i // 5, "col": 1 + i % 5, "image": hit["image"], "gid": f"top-{i + 1}",
+                      "frame": color, "subtitle": subtitle,
+                      "caption": _wrap_caption(caption, max_units) if caption else None})
+    fig = _draw_cells(cells, 2 if len(results) > 5 else 1, 6, title=title, cell_size=cell_size)
+    fig.supxlabel("绿框 同类目 green: same category · 红框 其他类目 red: other category · "
+                  "灰框 类目未知 grey: unknown", fontsize=8, color="#444444")
+    return fig

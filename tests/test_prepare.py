@@ -346,9 +346,9 @@ def test_changed_input_rebuilds(tmp_path, change):
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def failing_write_lmdb(monkeypatch, fail_on_call: int = 2):
+def failingwrite_lmdb_split(monkeypatch, fail_on_call: int = 2):
     """Make the ``fail_on_call``-th LMDB write raise, after earlier splits were written."""
-    real = data_mod._write_lmdb
+    real = data_mod.write_lmdb_split
     calls = []
 
     def write(split_dir, images, pairs):
@@ -358,14 +358,14 @@ def failing_write_lmdb(monkeypatch, fail_on_call: int = 2):
             raise RuntimeError("simulated crash while writing LMDB")
         real(split_dir, images, pairs)
 
-    monkeypatch.setattr(data_mod, "_write_lmdb", write)
+    monkeypatch.setattr(data_mod, "write_lmdb_split", write)
     return calls
 
 
 def test_interrupted_first_run_leaves_nothing(tmp_path, monkeypatch):
     manifest = small_manifest(tmp_path / "in")
     out = tmp_path / "out"
-    calls = failing_write_lmdb(monkeypatch)
+    calls = failingwrite_lmdb_split(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_dataset(manifest, out)
     assert len(calls) == 2
@@ -382,7 +382,7 @@ def test_interrupted_rebuild_keeps_previous_dataset(tmp_path, monkeypatch):
     prepare_dataset(manifest, out)
     before = snapshot(out)
     contents = {name: (out / name).read_bytes() for name in before}
-    failing_write_lmdb(monkeypatch)
+    failingwrite_lmdb_split(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_dataset(manifest, out, force=True)
     assert snapshot(out) == before

@@ -1,0 +1,104 @@
+"""Shared, cached building blocks for the retrieval tests (notebooks 03/04, the widget demo).
+
+Plain functions, each computed once per pytest session and reused (a module
+cache keyed by the session's base temp dir), so every test module can import
+them without rebuilding:
+
+* :func:`prepare_sample` — the embedded sample data prepared with a 0.2 / 0.2
+  valid / test split (600 photos → 120 test images, 10 categories).
+* :func:`train_tiny_checkpoint` — a ``tiny``-preset student trained 3 steps on
+  it (any :class:`cnclip_kd.train.TrainConfig` field can be overridden, e.g.
+  ``distillation=True, teacher_model_name="random:preset:tiny"``).
+* :func:`build_saved_index` — a saved, evaluated index of one checkpoint over
+  one split, as notebook 03 writes it.
+* :func:`demo_output` — an ``OUTPUT_DIR`` as notebook 02 leaves it (``runs/``
+  with a fine-tuned and a distilled tiny student); copy it before writing into it.
+
+Usage in a test module::
+
+    from demo_fixtures import prepare_sample, train_tiny_checkpoint
+
+    @pytest.fixture(scope="module")
+    def data_dir(tmp_path_factory):
+        return prepare_sample(tmp_path_factory)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cnclip_kd import SAMPLE_DATA
+
+_CACHE: dict = {}
+
+#: Runs of :func:`demo_output`: name → training overrides.
+DEMO_RUNS = {
+    "tiny-finetune": {},
+    "tiny-kd-cosine": {"distillation": True, "teacher_model_name": "random:preset:tiny"},
+}
+
+
+def _key(tmp_path_factory, *parts) -> tuple:
+    return (str(tmp_path_factory.getbasetemp()),) + tuple(str(p) for p in parts)
+
+
+def prepare_sample(tmp_path_factory) -> Path:
+    """The sample data prepared once per session (images shrunk to 128 px); returns the data folder."""
+    from cnclip_kd.data import prepare_dataset
+
+    key = _key(tmp_path_factory, "sample")
+    if key not in _CACHE:
+        data_dir = tmp_path_factory.mktemp("sample-data") / "data"
+        prepare_dataset(SAMPLE_DATA, data_dir, valid_frac=0.2, test_frac=0.2, max_side=128)
+        _CACHE[key] = data_dir
+    return _CACHE[key]
+
+
+def train_tiny_checkpoint(data_dir: str | Path, out_dir: str | Path, name: str, **overrides) -> Path:
+    """Train (or reuse) ``out_dir/runs/<name>``: the ``tiny`` preset, 3 steps on ``data_dir``'s train split.
+
+    Returns:
+        The run's ``checkpoints/epoch_latest.pt``.
+    """
+    from cnclip_kd.train import train
+
+    key = ("ckpt", str(Path(data_dir).resolve()), str(Path(out_dir).resolve()), name, repr(sorted(overrides.items())))
+    if key not in _CACHE or not _CACHE[key].is_file():
+        config = {"train_data": str(Path(data_dir) / "lmdb" / "train"), "logs": str(Path(out_dir) / "runs"),
+                  "name": name, "preset": "tiny", "max_steps": 3, "batch_size": 32, "warmup": 1,
+                  "num_workers": 0, "device": "cpu", **overrides}
+        _CACHE[key] = train(config).checkpoint
+    return _CACHE[key]
+
+
+def build_saved_index(checkpoint: str | Path, data_dir: str | Path, index_dir: str | Path, *,
+                      split: str = "test", kind: str = "flat") -> Path:
+    """Embed ``split`` with ``checkpoint``, build, evaluate and save the index to ``index_dir``; returns it."""
+    from cnclip_kd.index import gallery_from_split, index_model
+
+    index_model(checkpoint, gallery_from_split(data_dir, split), index_dir, kind=kind,
+                cache_dir=Path(index_dir).parent / "_embeddings" / Path(index_dir).name)
+    return Path(index_dir)
+
+
+def demo_output(tmp_path_factory) -> Path:
+    """An output folder as notebook 02 leaves it: ``runs/`` with the :data:`DEMO_RUNS` students.
+
+    Shared by the session: tests copy it (``shutil.copytree``) before running a
+    notebook into it. The prepared data is :func:`prepare_sample`'s (not inside).
+    """
+    key = _key(tmp_path_factory, "demo-output")
+    if key not in _CACHE:
+        data_dir = prepare_sample(tmp_path_factory)
+        out = tmp_path_factory.mktemp("demo-output")
+        for name, overrides in DEMO_RUNS.items():
+            train_tiny_checkpoint(data_dir, out, name, **overrides)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def copy_output(src: Path, dst: Path) -> Path:
+    """Copy an output folder (e.g. :func:`demo_output`) so a test can write into it."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst

@@ -1,0 +1,667 @@
+"""The trainer: cn_clip-format checkpoints, exact resume after SIGKILL, DDP on CPU, teacher cache, NaN stop, errors.
+
+Everything trains the ``tiny`` preset (32 px) on a 80-photo subset of the
+sample data (40 train pairs, 20 valid images), on the CPU, without workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnclip_kd
+from cnclip_kd import teachers as teachers_mod
+from cnclip_kd import train as train_mod
+from cnclip_kd.cli import build_parser
+from cnclip_kd.cli import main as cli_main
+from cnclip_kd.data import prepare_dataset
+from cnclip_kd.models import PRESETS, build_model, load_student
+from cnclip_kd.teachers import TEACHERS, Teacher, TeacherLoadError, load_teacher
+from cnclip_kd.train import (LMDBImages, NonFiniteLossError, TeacherFeatureCache, TrainConfig, evaluate_lmdb,
+                             read_history, train)
+from teacher_fixtures import make_tiny_clip_teacher_dir, tiny_cnclip_config_files
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+KILL_SCRIPT = TESTS / "scripts" / "train_until_killed.py"
+
+PER_CATEGORY = 8   # photos per category taken from the sample data (10 categories)
+N_TRAIN = 40       # after the 0.2 / 0.2 valid / test split: 4 products per category
+N_VALID = 20
+BATCH = 8          # → 5 steps per epoch
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+HUB_ID = "damo/multi-modal_clip-vit-large-patch14_zh"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A prepared dataset: 8 photos of each of the 10 sample categories, images shrunk to 64 px."""
+    root = tmp_path_factory.mktemp("train-data")
+    with open(cnclip_kd.SAMPLE_DATA / "manifest.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    taken: dict[str, int] = {}
+    subset = []
+    for row in rows:
+        if taken.get(row["label"], 0) < PER_CATEGORY:
+            taken[row["label"]] = taken.get(row["label"], 0) + 1
+            subset.append({**row, "image": str(cnclip_kd.SAMPLE_DATA / row["image"])})
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(subset)
+    report = prepare_dataset(manifest, root / "data", valid_frac=0.2, test_frac=0.2, max_side=64)
+    assert report.n_images == len(subset) == 10 * PER_CATEGORY
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny ModelScope CLIP teacher folder (loads through modelscope's Model.from_pretrained)."""
+    return make_tiny_clip_teacher_dir(tmp_path_factory.mktemp("tiny-clip") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> str:
+    """A ``random:VISION@TEXT`` teacher of tiny size: no modelscope import, cheap in subprocesses."""
+    vision, text = tiny_cnclip_config_files(tmp_path_factory.mktemp("tiny-configs"))
+    return f"random:{vision}@{text}"
+
+
+def _config(data: Path, logs: Path, name: str, **overrides) -> dict:
+    cfg = {"train_data": str(data / "lmdb" / "train"), "val_data": str(data / "lmdb" / "valid"),
+           "logs": str(logs), "name": name, "preset": "tiny", "batch_size": BATCH, "valid_batch_size": 64,
+           "max_epochs": 2, "lr": 1e-3, "warmup": 2, "num_workers": 0, "valid_num_workers": 0,
+           "teacher_batch_size": 16, "device": "cpu", "seed": 7}
+    cfg.update(overrides)
+    return cfg
+
+
+def _step_rows(history: list[dict]) -> list[dict]:
+    return [r for r in history if r.get("type") != "val"]
+
+
+def _val_rows(history: list[dict]) -> list[dict]:
+    return [r for r in history if r.get("type") == "val"]
+
+
+def _load(path: Path) -> dict:
+    # weights_only=True: the way cn_clip's own torch.load (torch >= 2.6 default) reads it.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_tensors_equal(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values are exactly equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_tensors_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_killed(config: dict, tmp_path: Path, **kill) -> subprocess.CompletedProcess:
+    """Run ``train(config)`` in a child process that SIGKILLs itself at the given point."""
+    path = tmp_path / f"{config['name']}-config.json"
+    path.write_text(json.dumps(config))
+    (flag, value), = kill.items()
+    cmd = [sys.executable, str(KILL_SCRIPT), str(path), "--threads", str(torch.get_num_threads()),
+           f"--{flag.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_child_env())
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    return proc
+
+
+def _assert_same_run(a, b) -> None:
+    """Run b ended exactly where run a did: same weights, optimizer, KD projector and history."""
+    ca, cb = _load(a.checkpoint), _load(b.checkpoint)
+    for key in ("epoch", "step", "epoch_step", "model_info"):
+        assert ca[key] == cb[key], key
+    _assert_tensors_equal(ca["state_dict"], cb["state_dict"], "state_dict")
+    _assert_tensors_equal(ca["optimizer"], cb["optimizer"], "optimizer")
+    _assert_tensors_equal(ca["kd_state"], cb["kd_state"], "kd_state")
+    ha, hb = read_history(a.run_dir), read_history(b.run_dir)
+    steps_b = [r["step"] for r in _step_rows(hb)]
+    assert steps_b == list(range(1, ca["step"] + 1)), "steps missing or duplicated after the resume"
+    assert len(ha) == len(hb)
+    for ra, rb in zip(ha, hb):
+        ra, rb = dict(ra), dict(rb)
+        ra.pop("samples_per_s", None), rb.pop("samples_per_s", None)  # wall-clock, differs
+        assert ra == rb
+
+
+# --------------------------------------------------------------------------- a plain run
+
+
+@pytest.fixture(scope="module")
+def plain_run(data, tmp_path_factory):
+    """Two epochs, no distillation, validation every epoch, a mid-epoch checkpoint every 2 steps."""
+    return train(_config(data, tmp_path_factory.mktemp("plain") / "runs", "plain", save_step_frequency=2))
+
+
+def test_checkpoint_has_cnclip_keys_and_reloads(plain_run):
+    ckpt_dir = plain_run.run_dir / "checkpoints"
+    assert plain_run.checkpoint == ckpt_dir / "epoch_latest.pt"
+    ckpt = _load(plain_run.checkpoint)
+    # cn_clip's keys, as its trainer writes them and its --resume / load_from_name read them.
+    assert (ckpt["epoch"], ckpt["step"], ckpt["name"]) == (2, 2 * STEPS_PER_EPOCH, "plain")
+    reference = build_model(PRESETS["tiny"]).state_dict()
+    sd = ckpt["state_dict"]
+    assert all(k.startswith("module.") for k in sd)
+    assert {k[len("module."):] for k in sd} == set(reference)
+    assert all(sd[f"module.{k}"].shape == v.shape and sd[f"module.{k}"].dtype == v.dtype
+               for k, v in reference.items())
+    opt = ckpt["optimizer"]
+    assert set(opt) == {"state", "param_groups"}
+    n_params = len(list(build_model(PRESETS["tiny"]).parameters()))
+    assert sum(len(g["params"]) for g in opt["param_groups"]) == n_params
+    assert {float(s["step"]) for s in opt["state"].values()} == {float(2 * STEPS_PER_EPOCH)}
+
+    model, info = load_student(plain_run.checkpoint)
+    assert info == PRESETS["tiny"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[f"module.{k}"]), k
+
+    # Per-epoch copies: epoch1.pt is the end of epoch 1, epoch2.pt the final state.
+    e1 = _load(ckpt_dir / "epoch1.pt")
+    assert (e1["epoch"], e1["step"], e1["epoch_step"]) == (1, STEPS_PER_EPOCH, 0)
+    assert (ckpt_dir / "epoch2.pt").read_bytes() == plain_run.checkpoint.read_bytes()
+    assert any(not torch.equal(e1["state_dict"][k], sd[k]) for k in sd), "epoch 2 did not change the weights"
+    assert not list(ckpt_dir.glob("*.tmp")), "a temp file of the atomic save was left behind"
+
+
+def test_history_metrics_and_lr_schedule(plain_run, data):
+    history = read_history(plain_run.run_dir)
+    assert plain_run.history == history
+    steps = _step_rows(history)
+    n = 2 * STEPS_PER_EPOCH
+    assert [r["step"] for r in steps] == list(range(1, n + 1))
+    assert [r["epoch"] for r in steps] == [1] * STEPS_PER_EPOCH + [2] * STEPS_PER_EPOCH
+    for r in steps:
+        assert set(r) == {"step", "epoch", "lr", "samples_per_s", "loss/contrastive", "loss/total"}
+        assert r["samples_per_s"] > 0
+        assert math.isfinite(r["loss/total"]) and r["loss/total"] > 0
+        assert r["loss/total"] == r["loss/contrastive"]  # no distillation
+    # cn_clip's schedule: linear warm-up over 2 steps, then half-cosine to 0 at the last step.
+    base, warmup = 1e-3, 2
+    expected = [base * s / warmup if s <= warmup else
+                0.5 * (1 + math.cos(math.pi * (s - 1 - warmup) / (n - warmup))) * base for s in range(1, n + 1)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert expected[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and expected[-1] < 0.05 * base
+
+    vals = _val_rows(history)
+    assert [(r["epoch"], r["step"]) for r in vals] == [(1, STEPS_PER_EPOCH), (2, n)]
+    assert plain_run.validation == vals
+    for r in vals:
+        assert r["val/n_queries"] == N_VALID
+        for k in ("val/p@10", "val/map@10", "val/r@1", "val/r@5", "val/r@10"):
+            assert 0.0 <= r[k] <= 1.0, k
+        assert r["val/r@1"] <= r["val/r@5"] <= r["val/r@10"]
+    # The last validation row is the final model's P@10 on the valid split.
+    model, _ = load_student(plain_run.checkpoint)
+    again = evaluate_lmdb(model, data / "lmdb" / "valid", resolution=32)
+    assert again["p@10"] == pytest.approx(vals[-1]["val/p@10"], abs=1e-9)
+    assert again["map@10"] == pytest.approx(vals[-1]["val/map@10"], abs=1e-9)
+
+    metrics = json.loads((plain_run.run_dir / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["epochs"], metrics["kd_loss"], metrics["teacher"]) == (n, 2, None, None)
+    assert metrics["val/p@10"] == vals[-1]["val/p@10"]
+    config = json.loads((plain_run.run_dir / "config.json").read_text())
+    assert (config["name"], config["preset"], config["batch_size"]) == ("plain", "tiny", BATCH)
+
+
+@pytest.mark.slow
+def test_real_architecture_checkpoint_loads_in_cnclip(data, tmp_path):
+    """ViT-B-16 @ RBT3-chinese, one step: cn_clip's own load_from_name reads the checkpoint."""
+    import contextlib
+    import io
+
+    from cn_clip.clip import load_from_name, tokenize
+
+    result = train(_config(data, tmp_path, "vit-b-16", preset=None, vision_model="ViT-B-16",
+                           text_model="RBT3-chinese", batch_size=2, max_steps=1, val_data=None,
+                           save_epoch_frequency=0, lr=1e-4, warmup=1))
+    try:
+        assert result.steps == 1
+        ours, info = load_student(result.checkpoint)
+        assert info["image_resolution"] == 224 and info["vision_width"] == 768
+        with contextlib.redirect_stdout(io.StringIO()):  # cn_clip prints its configs
+            theirs, preprocess = load_from_name(str(result.checkpoint), device="cpu", vision_model_name="ViT-B-16",
+                                                text_model_name="RBT3-chinese", input_resolution=224)
+        ours.eval(), theirs.eval()
+        # cn_clip builds in fp16 and casts back to fp32 on the CPU: every weight is ours, rounded to fp16.
+        their_sd = theirs.state_dict()
+        assert set(their_sd) == set(ours.state_dict())
+        for k, v in ours.state_dict().items():
+            torch.testing.assert_close(their_sd[k].float(), v.float(), rtol=2e-3, atol=1e-4, msg=k)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(2, 3, 224, 224, generator=g)
+        texts = tokenize(["红色连衣裙", "运动鞋"], context_length=52)
+        with torch.no_grad():
+            for a, b in ((ours.encode_image(images), theirs.encode_image(images)),
+                         (ours.encode_text(texts), theirs.encode_text(texts))):
+                assert a.shape == b.shape == (2, 512)
+                assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+                torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2 * float(a.abs().max()))
+    finally:
+        result.checkpoint.unlink(missing_ok=True)  # 1.5 GB with the optimizer state
+
+
+# --------------------------------------------------------------------------- exact resume after SIGKILL
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_save_is_exact(data, tmp_path):
+    """Killed while writing a checkpoint, rerun: the same weights, optimizer and history as an unbroken run.
+
+    Train-time augmentation draws from torch's and Python's global RNGs, so
+    this also checks that the RNG state is saved and restored.
+    """
+    cfg = _config(data, tmp_path / "runs", "unbroken", use_augment=True, save_step_frequency=2, val_data=None)
+    unbroken = train(cfg)
+    cfg_b = dict(cfg, name="killed")
+    # Saves: step 2, 4, 5 (epoch end), 6, 8 ← killed half-way through writing this one.
+    _run_killed(cfg_b, tmp_path, kill_in_save=5)
+    ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
+    latest = _load(ckpt_dir / "epoch_latest.pt")
+    assert (latest["step"], latest["epoch"], latest["epoch_step"]) == (6, 1, 1)
+    assert list(ckpt_dir.glob(".epoch_latest.pt.*.tmp")), "the kill did not hit the checkpoint write"
+    before = _step_rows(read_history(tmp_path / "runs" / "killed"))
+    assert [r["step"] for r in before] == list(range(1, 9))  # steps 7-8 were lost with the kill
+
+    resumed = train(cfg_b)
+    assert (resumed.steps, resumed.epochs) == (2 * STEPS_PER_EPOCH, 2)
+    assert not list(ckpt_dir.glob(".*.tmp")), "the half-written checkpoint was left behind"
+    _assert_same_run(unbroken, resumed)
+    # Nothing left to do: a third call changes nothing.
+    again = train(cfg_b)
+    assert again.steps == resumed.steps
+    _assert_same_run(unbroken, again)
+
+
+def test_rerun_after_sigkill_before_the_first_checkpoint_starts_clean(data, tmp_path):
+    """No checkpoint yet (the default saves only at epoch ends): the rerun starts over, logging each step once."""
+    cfg = _config(data, tmp_path / "runs", "early", max_epochs=1, val_data=None)
+    _run_killed(cfg, tmp_path, kill_at_loss_call=4)
+    run_dir = tmp_path / "runs" / "early"
+    assert not (run_dir / "checkpoints" / "epoch_latest.pt").exists()
+    # Killed in step 4's forward: step 3's row is still in flight (rows are read one step late).
+    assert [r["step"] for r in read_history(run_dir)] == [1, 2]
+    result = train(cfg)
+    assert [r["step"] for r in read_history(run_dir)] == list(range(1, STEPS_PER_EPOCH + 1))
+    assert result.history == read_history(run_dir)
+
+
+def test_resume_after_sigkill_with_feature_kd_and_cache_is_exact(data, tmp_path, random_teacher):
+    """Distillation (feature KD: its projector is trained and checkpointed) from the teacher cache."""
+    cfg = _config(data, tmp_path / "runs", "unbroken", distillation=True, teacher_model_name=random_teacher,
+                  kd_loss="feature", kd_loss_weight=1.0, save_step_frequency=2)
+    unbroken = train(cfg)
+    cfg_b = dict(cfg, name="killed")
+    _run_killed(cfg_b, tmp_path, kill_at_loss_call=8)  # mid-step 8 of 10, after the step-6 checkpoint
+    run_b = tmp_path / "runs" / "killed"
+    latest = _load(run_b / "checkpoints" / "epoch_latest.pt")
+    assert (latest["step"], latest["epoch"], latest["epoch_step"]) == (6, 1, 1)
+    assert set(latest["kd_state"]) == {"proj.weight"}
+    # Step 7's row was still in flight (rows are read one step late) when step 8 was killed.
+    assert [r["step"] for r in _step_rows(read_history(run_b))] == list(range(1, 7))
+
+    resumed = train(cfg_b)
+    _assert_same_run(unbroken, resumed)
+    proj0 = _load(run_b / "checkpoints" / "epoch1.pt")["kd_state"]["proj.weight"]
+    assert not torch.equal(proj0, _load(resumed.checkpoint)["kd_state"]["proj.weight"]), "projector not trained"
+    rows = _step_rows(resumed.history)
+    assert all(r["loss/total"] == pytest.approx(r["loss/contrastive"] + r["loss/kd_feature"], rel=1e-6)
+               for r in rows)
+
+
+# --------------------------------------------------------------------------- DDP on CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_args(cfg: dict) -> list[str]:
+    """``cnclip-kd train`` flags for a config dict (values equal to TrainConfig's defaults are left out)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    args = []
+    for k, v in cfg.items():
+        if v == defaults[k]:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):  # store_true for default-False fields, --no-X for default-True ones
+            args.append(flag if v else f"--no-{k.replace('_', '-')}")
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(data, tmp_path, random_teacher):
+    """torchrun --nproc_per_node 2 with batch 4 each = one process with batch 8: same losses, same weights."""
+    # eps=1 and no weight decay make Adam's update nearly linear in the gradient (with the default
+    # eps the first step is ~lr·sign(g), blind to a wrongly scaled gradient); lr is large enough
+    # for the weights to move well past the tolerance.
+    common = {"distillation": True, "teacher_model_name": random_teacher, "kd_loss": "feature", "max_steps": 2,
+              "lr": 1e-2, "eps": 1.0, "wd": 0.0, "warmup": 1, "save_epoch_frequency": 0}
+    single = train(_config(data, tmp_path / "single", "run", batch_size=2 * 4, **common))
+
+    # logs stays at its default (out/runs, under cwd): torchrun's own argument parser rejects a
+    # `--logs` anywhere on its command line as an ambiguous abbreviation of its `--logs-specs`.
+    cfg = _config(data, Path("out/runs"), "run", batch_size=4, **common)
+    env = {**_child_env(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "cnclip_kd.cli", "train", *_cli_args(cfg)]
+    assert "--logs" not in cmd
+    (tmp_path / "ddp").mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summaries, rest, decoder = [], proc.stdout.strip(), json.JSONDecoder()
+    while rest:  # one JSON summary per rank (only rank 0's has the validation row)
+        obj, end = decoder.raw_decode(rest)
+        summaries.append(obj)
+        rest = rest[end:].strip()
+    assert summaries and all(s["steps"] == 2 for s in summaries)
+    assert any(s["validation"] and 0 <= s["validation"]["val/p@10"] <= 1 for s in summaries)
+
+    run_dir = tmp_path / "ddp" / "out" / "runs" / "run"
+    ddp_rows = _step_rows(read_history(run_dir))
+    ref_rows = _step_rows(single.history)
+    assert [r["step"] for r in ddp_rows] == [1, 2], "each step must be logged once (by rank 0)"
+    for a, b in zip(ref_rows, ddp_rows):
+        assert set(a) == set(b) and {"loss/contrastive", "loss/kd_feature", "loss/total"} <= set(a)
+        assert b["lr"] == a["lr"]
+        for k in ("loss/total", "loss/contrastive", "loss/kd_feature"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (b["step"], k)
+    assert len(_val_rows(read_history(run_dir))) == 1
+
+    ca, cb = _load(single.checkpoint), _load(run_dir / "checkpoints" / "epoch_latest.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)  # the seed in _config: the student's initial weights
+        init = build_model(PRESETS["tiny"]).state_dict()
+    moved = max(float((ca["state_dict"][f"module.{k}"] - v).abs().max()) for k, v in init.items())
+    # With eps=1 each Adam step moves a weight by less than lr: 2 steps, lr 1e-2.
+    assert 1e-3 < moved <= 2 * 1e-2 + 1e-6
+    for k, v in ca["state_dict"].items():
+        torch.testing.assert_close(cb["state_dict"][k], v, rtol=0, atol=1e-5, msg=k)
+    torch.testing.assert_close(cb["kd_state"]["proj.weight"], ca["kd_state"]["proj.weight"], rtol=0, atol=1e-5)
+
+    # The teacher cache the two ranks built shard by shard equals the one-process cache.
+    (one,), (two,) = [list(d.iterdir()) for d in (tmp_path / "single" / "teacher-cache",
+                                                  run_dir.parent / "teacher-cache")]
+    assert one.name == two.name and (two / "meta.json").is_file()
+    c1, c2 = TeacherFeatureCache(one), TeacherFeatureCache(two)
+    ids = torch.tensor(sorted(c1.row))
+    assert sorted(c2.row) == ids.tolist() and len(ids) == N_TRAIN
+    torch.testing.assert_close(c2.lookup(ids), c1.lookup(ids), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- teacher cache, frozen teacher
+
+
+class _TeacherSpy:
+    """Counts Teacher.encode_image calls inside / outside the cache build; keeps the loaded teachers."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        self.calls = {"cache": 0, "train": 0}
+        self.in_cache = False
+        self.teachers: list[tuple[Teacher, dict]] = []
+        encode, build, load = Teacher.encode_image, train_mod.build_teacher_cache, teachers_mod.load_teacher
+        spy = self
+
+        def counting_encode(self, images):
+            spy.calls["cache" if spy.in_cache else "train"] += 1
+            return encode(self, images)
+
+        def flagged_build(*a, **k):
+            spy.in_cache = True
+            try:
+                return build(*a, **k)
+            finally:
+                spy.in_cache = False
+
+        def recording_load(*a, **kw):
+            teacher = load(*a, **kw)
+            spy.teachers.append((teacher, {k: v.clone() for k, v in teacher.state_dict().items()}))
+            return teacher
+
+        mp.setattr(Teacher, "encode_image", counting_encode)
+        mp.setattr(train_mod, "build_teacher_cache", flagged_build)
+        mp.setattr(teachers_mod, "load_teacher", recording_load)
+
+    def reset(self) -> None:
+        self.calls = {"cache": 0, "train": 0}
+
+
+@pytest.fixture(scope="module")
+def kd_runs(data, teacher_dir, tmp_path_factory):
+    """Feature KD from the ModelScope teacher folder, 2 epochs: with the cache, and with the teacher online."""
+    root = tmp_path_factory.mktemp("kd")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        spy = _TeacherSpy(mp)
+        for name, extra in (("cached", {}), ("online", {"teacher_cache": False})):
+            logs = root / name / "runs"
+            spy.reset()
+            result = train(_config(data, logs, name, distillation=True, teacher_model_name=str(teacher_dir),
+                                   kd_loss="feature", **extra))
+            out[name] = {"result": result, "logs": logs, "calls": dict(spy.calls), "teacher": spy.teachers[-1]}
+    return out
+
+
+def test_teacher_cache_built_once_then_reused(kd_runs, data, teacher_dir, monkeypatch):
+    run = kd_runs["cached"]
+    # The teacher ran only while the cache was built (40 images / batch 16), never in the 10 training steps.
+    assert run["calls"] == {"cache": math.ceil(N_TRAIN / 16), "train": 0}
+    assert run["result"].steps == 2 * STEPS_PER_EPOCH
+    (cache_dir,) = list((run["logs"] / "teacher-cache").iterdir())
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    assert (meta["n_images"], meta["embed_dim"], meta["kind"]) == (N_TRAIN, 32, "clip")
+
+    # The cached features are the teacher's own, on its own transform of each image.
+    teacher = load_teacher(str(teacher_dir))
+    ds = LMDBImages(data / "lmdb" / "train", teacher.transform)
+    ids = torch.tensor(ds.image_ids)
+    images = torch.stack([ds[i][1] for i in range(len(ds))])
+    direct = teacher.encode_image(images)
+    torch.testing.assert_close(TeacherFeatureCache(cache_dir).lookup(ids), direct, rtol=1e-5, atol=1e-6)
+
+    # A second run (new name, same logs folder) does not run the teacher at all.
+    spy = _TeacherSpy(monkeypatch)
+    again = train(_config(data, run["logs"], "cached-again", distillation=True, teacher_model_name=str(teacher_dir),
+                          kd_loss="feature", max_epochs=1, val_data=None))
+    assert spy.calls == {"cache": 0, "train": 0}
+    assert again.steps == STEPS_PER_EPOCH
+    assert [p.name for p in (run["logs"] / "teacher-cache").iterdir()] == [cache_dir.name]
+
+
+def test_online_teacher_gives_the_same_training_as_the_cache(kd_runs):
+    online = kd_runs["online"]
+    assert online["calls"] == {"cache": 0, "train": 2 * STEPS_PER_EPOCH}  # once per step
+    assert not (online["logs"] / "teacher-cache").exists()
+    cached_rows = _step_rows(kd_runs["cached"]["result"].history)
+    online_rows = _step_rows(online["result"].history)
+    assert len(cached_rows) == len(online_rows) == 2 * STEPS_PER_EPOCH
+    for a, b in zip(cached_rows, online_rows):
+        for k in ("loss/total", "loss/contrastive", "loss/kd_feature"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert all(r["loss/kd_feature"] > 0 for r in online_rows)
+    metrics = json.loads((online["result"].run_dir / "metrics.json").read_text())
+    assert (metrics["kd_loss"], metrics["teacher"]) == ("feature", str(online["teacher"][0].name))
+
+
+@pytest.mark.parametrize("run", ["online", "cached"])
+def test_teacher_stays_frozen(kd_runs, run):
+    teacher, before = kd_runs[run]["teacher"]
+    assert isinstance(teacher, Teacher)
+    assert not teacher.training and not [m for m in teacher.modules() if m.training]
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    after = teacher.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_augmentation_runs_the_teacher_online_without_a_cache(data, teacher_dir, tmp_path, monkeypatch):
+    spy = _TeacherSpy(monkeypatch)
+    result = train(_config(data, tmp_path / "runs", "augment", distillation=True,
+                           teacher_model_name=str(teacher_dir), use_augment=True, max_steps=3, val_data=None))
+    assert result.steps == 3
+    assert spy.calls == {"cache": 0, "train": 3}
+    assert not (tmp_path / "runs" / "teacher-cache").exists()
+    assert all(r["loss/kd_cosine"] > 0 for r in _step_rows(result.history))
+
+
+# --------------------------------------------------------------------------- NaN stop
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    saved: list[tuple[bytes, int]] = []
+    real_save = train_mod.atomic_torch_save
+
+    def recording_save(obj, path):
+        real_save(obj, path)
+        saved.append((Path(path).read_bytes(), Path(path).stat().st_mtime_ns))
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", recording_save)
+    cfg = _config(data, tmp_path / "runs", "explode", lr=1e6, warmup=1, save_step_frequency=1, val_data=None)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg)
+    latest = tmp_path / "runs" / "explode" / "checkpoints" / "epoch_latest.pt"
+    good = _step_rows(read_history(latest.parent.parent))
+    assert good and len(saved) == len(good)  # one checkpoint per good step, none after
+    msg = str(info.value)
+    assert f"at step {len(good) + 1} " in msg and "nan" in msg.lower()
+    assert f"Last good checkpoint: {latest}." in msg
+    assert latest.read_bytes() == saved[-1][0] and latest.stat().st_mtime_ns == saved[-1][1]
+    ckpt = _load(latest)
+    assert ckpt["step"] == len(good)
+    model, _ = load_student(latest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (latest.parent.parent / "metrics.json").exists()
+
+
+class _NaNAtCall(train_mod.DistillationLoss):
+    calls = 0
+    nan_at = 1
+
+    def forward(self, *a, **k):
+        out = super().forward(*a, **k)
+        type(self).calls += 1
+        if type(self).calls == self.nan_at:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+
+def test_nan_before_any_checkpoint_through_the_cli(data, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_mod, "DistillationLoss", type("NaNFirst", (_NaNAtCall,), {"calls": 0}))
+    cfg = _config(data, tmp_path / "runs", "nan-first", val_data=None)
+    with caplog.at_level("INFO"):
+        rc = cli_main(["train", *_cli_args(cfg)])
+    assert rc == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "at step 1 " in errors[0].getMessage() and "none written yet" in errors[0].getMessage()
+    assert not (tmp_path / "runs" / "nan-first" / "checkpoints" / "epoch_latest.pt").exists()
+
+
+# --------------------------------------------------------------------------- errors and the CLI
+
+
+def test_unknown_teacher_lists_valid_forms(data, tmp_path):
+    with pytest.raises(TeacherLoadError) as info:
+        train(_config(data, tmp_path, "bad", distillation=True, teacher_model_name="damo/no-such-teacher"))
+    msg = str(info.value)
+    assert "unknown teacher 'damo/no-such-teacher'" in msg
+    for form in ("cnclip:<ARCH>", "random:<ARCH>", "local ModelScope model directory", "*.pt", *TEACHERS):
+        assert form in msg, form
+
+
+def test_distillation_without_teacher_name_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="teacher_model_name"):
+        train(_config(data, tmp_path, "no-teacher", distillation=True))
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    # A reserved, never-resolving endpoint (as in test_teachers): unreachable even on a networked CI.
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://modelscope.invalid")
+    try:  # modelscope >= 1.3x caches its endpoint in a process-wide config object
+        import modelscope_hub.config as hub_config
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(hub_config, "_default_config", None)
+
+
+def test_unreachable_hub_through_train_names_the_local_folder_fix(data, tmp_path, unreachable_hub):
+    with pytest.raises(TeacherLoadError) as info:
+        train(_config(data, tmp_path / "runs", "hub", distillation=True, teacher_model_name=HUB_ID,
+                      download_root=str(tmp_path / "ms-cache")))
+    msg = str(info.value)
+    assert "could not be reached" in msg and "local directory" in msg
+    assert "--teacher-model-name /path/to/dir" in msg and f"modelscope download {HUB_ID}" in msg
+
+
+def test_cli_unreachable_hub_exits_2_with_one_error(data, tmp_path, unreachable_hub, caplog, capsys):
+    cfg = _config(data, tmp_path / "runs", "hub", distillation=True, teacher_model_name=HUB_ID,
+                  download_root=str(tmp_path / "ms-cache"))
+    rc = cli_main(["train", *_cli_args(cfg)])
+    assert rc == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "local directory" in errors[0].getMessage()
+    out = capsys.readouterr()
+    assert out.out == "" and "Traceback" not in out.err
+
+
+def test_cli_unknown_teacher_exits_2_without_traceback(data, tmp_path):
+    cfg = _config(data, tmp_path / "runs", "bad", distillation=True, teacher_model_name="no/such-teacher")
+    proc = subprocess.run([sys.executable, "-m", "cnclip_kd.cli", "train", *_cli_args(cfg)], capture_output=True,
+                          text=True, timeout=300, env=_child_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    error_lines = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(error_lines) == 1 and "unknown teacher 'no/such-teacher'" in error_lines[0]
+    assert "Valid teacher names" in proc.stderr
+
+
+def test_parser_accepts_cnclip_spellings():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--train-data", "d/lmdb/train", "--distllation", "--kd_loss_weight", "0.25",
+                              "--teacher-model-name", "t", "--no-teacher-cache", "--max-steps", "3"])
+    assert (args.distillation, args.kd_loss_weight, args.teacher_model_name) == (True, 0.25, "t")
+    assert (args.teacher_cache, args.max_steps, args.train_data) == (False, 3, "d/lmdb/train")
+    args = parser.parse_args(["train", "--train-data", "x", "--distillation", "--kd-loss-weight", "2"])
+    assert (args.distillation, args.kd_loss_weight, args.teacher_cache) == (True, 2.0, True)
+    args = parser.parse_args(["train", "--train-data", "x"])
+    assert (args.distillation, args.kd_loss_weight, args.val_data, args.use_augment) == (False, 0.5, None, False)
