@@ -5,6 +5,8 @@ Each sub-command calls the same package function its notebook calls::
     cnclip-kd prepare sample_data/ out/data
     cnclip-kd train --train-data out/data/lmdb/train --val-data out/data/lmdb/valid ...
     cnclip-kd export-teacher my-vit-h.pt out/teachers/my-vit-h
+    cnclip-kd index out/runs/demo-kd-cosine/checkpoints/epoch_latest.pt out/index/demo --data out/data
+    cnclip-kd eval out/index/demo out/index/teacher
 """
 
 from __future__ import annotations
@@ -213,6 +215,70 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="one image query against a saved index; JSON out (notebook 06)",
+                       description="Answer an image query with the Top-k of a saved index folder (cnclip-kd index), "
+                                   "through an exported ONNX encoder or the index's own checkpoint. Prints JSON.")
+    p.add_argument("--index", required=True, help="index folder written by `cnclip-kd index` / notebook 03")
+    p.add_argument("--image", required=True, help="query image file (JPEG, PNG, ...)")
+    p.add_argument("-k", "--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--model", default=None, help="encoder: .onnx file (cnclip-kd export) or checkpoint; "
+                                                 "default: the checkpoint the index was built with")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch", "torch-bf16", "torch-compile"],
+                   help="encoder back-end (default auto: onnx for an .onnx file, else torch fp32)")
+    p.add_argument("--threads", type=int, default=None, help="encoder threads (default: the runtime's)")
+    p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (default: DCT-scaled)")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .deploy import Retriever
+
+    try:
+        retriever = Retriever.load(args.index, args.model, backend=args.backend, threads=args.threads,
+                                   fast_decode=not args.full_decode)
+    except ValueError as err:  # an encoder that does not fit the index, or a bad backend choice
+        logger.error("%s", err)
+        return 2
+    result = retriever.search(args.image, args.k)
+    out = {"query": args.image, "k": args.k, "index": args.index, "backend": retriever.backend,
+           "n_gallery": len(retriever.index), **result.to_dict()}
+    sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=1, default=str) + "\n")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="student image encoder → ONNX (fp32, optional int8), checked (notebook 06)",
+                       description="Export a student's image encoder to ONNX (dynamic batch, L2 normalisation in "
+                                   "the graph), check it against PyTorch on real photos and, with --int8, write "
+                                   "a dynamically quantised copy with its measured cost. Prints the report JSON.")
+    p.add_argument("checkpoint", help="student checkpoint (*.pt) or cn_clip pretrained name")
+    p.add_argument("out", help="ONNX file to write, e.g. out/deploy/image_encoder.onnx")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write <out>.int8.onnx (--no-int8: never; default: only when its cost is small)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 14 (default 17)")
+    p.add_argument("--images", default=None, help="photo folder or manifest for the checks (default: sample data)")
+    p.add_argument("--max-images", type=int, default=None, help="check on a random subset of this many photos")
+    p.add_argument("--threads", type=int, default=None, help="threads for the checks and timings")
+    p.add_argument("--vision-model", default=None, help="architecture of a checkpoint that does not record it")
+    p.add_argument("--text-model", default=None, help="likewise")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .deploy import ExportError, export_onnx
+
+    try:
+        report = export_onnx(args.checkpoint, args.out, quantize=args.int8, opset=args.opset, images=args.images,
+                             max_images=args.max_images, threads=args.threads, vision_model=args.vision_model,
+                             text_model=args.text_model)
+    except (ExportError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cnclip-kd`` argument parser with all sub-commands."""
     parser = argparse.ArgumentParser(prog="cnclip-kd", description=__doc__.splitlines()[0])
@@ -223,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_teacher(sub)
     _add_index(sub)
     _add_eval(sub)
+    _add_search(sub)
+    _add_export(sub)
     return parser
 
 

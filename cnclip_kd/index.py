@@ -196,7 +196,9 @@ def _checkpoint_facts(path: Path) -> dict:
     except (RuntimeError, OSError, ValueError) as err:  # an old (non-zip) file cannot be mmapped
         logger.debug("cannot mmap %s (%s); loading it", path, err)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: ckpt.get(k) for k in ("kd_loss", "teacher", "name", "step") if isinstance(ckpt, dict)}
+    if not isinstance(ckpt, dict):
+        return {}
+    return {k: ckpt.get(k) for k in ("kd_loss", "teacher", "name", "step")}
 
 
 def _role(facts: Mapping[str, Any]) -> str:
@@ -246,18 +248,18 @@ def load_encoder(spec: str | os.PathLike, *, device: str | torch.device | None =
                             info={"role": "teacher 教师", "spec": spec, "kind": teacher.kind,
                                   "teacher": teacher.name},
                             model=teacher)
-    if path.is_file():
-        facts = _checkpoint_facts(path)
-        info_extra = {"role": _role(facts), "spec": str(path.resolve()), **facts}
-    elif spec in PRETRAINED:
-        info_extra = {"role": "pretrained 预训练", "spec": spec}
-    else:
+    if not path.is_file() and spec not in PRETRAINED:
         raise ModelLoadError(
             f"{spec}: not a model. Give a student checkpoint (*.pt), a cn_clip pretrained name "
             f"{sorted(PRETRAINED)}, 'teacher:<hub id | ModelScope folder | cnclip:ARCH | random:ARCH>' "
             "or a ModelScope teacher folder")
     kwargs = {k: v for k, v in (("vision_model", vision_model), ("text_model", text_model)) if v}
-    model, info = load_student(spec, **kwargs)
+    model, info = load_student(spec, **kwargs)  # first: its errors name the file and the fix
+    if path.is_file():
+        facts = _checkpoint_facts(path)
+        info_extra = {"role": _role(facts), "spec": str(path.resolve()), **facts}
+    else:
+        info_extra = {"role": "pretrained 预训练", "spec": spec}
     model = model.to(dev).eval()
     resolution = int(info["image_resolution"])
     fingerprint = _weights_fingerprint(model.visual, {"kind": "cnclip-student", "resolution": resolution,

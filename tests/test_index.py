@@ -23,7 +23,7 @@ from cnclip_kd.index import (EXACT_MAX, Gallery, GalleryIndex, ImageEncoder, cho
                              latest_checkpoint, load_encoder)
 from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_hits, ranking_metrics
 from cnclip_kd.models import ModelLoadError
-from demo_fixtures import demo_output, prepare_sample
+from demo_fixtures import build_saved_index, demo_output, prepare_sample
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -323,6 +323,12 @@ def test_load_encoder_kinds(checkpoint, runs, photo_folder):
 
     with pytest.raises(ModelLoadError, match="not a model"):
         load_encoder(photo_folder / "nothing.pt")
+
+
+def test_build_saved_index_fixture(checkpoint, data_dir, tmp_path):
+    saved = GalleryIndex.load(build_saved_index(checkpoint, data_dir, tmp_path / "index" / "tiny"))
+    assert len(saved) == 120 and saved.stats["model"]["role"].startswith("fine-tuned")
+    assert saved.embeddings.shape == (120, 32) and saved.gallery.image(0).mode == "RGB"
 
 
 def test_discover_and_latest_checkpoint(runs, tmp_path):

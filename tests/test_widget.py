@@ -1,0 +1,234 @@
+"""The query demo (cnclip_kd.widget.QueryDemo) driven from Python, and notebook 05 headless.
+
+Two tiny trained students (demo_fixtures.demo_output) are indexed over the
+prepared sample's test split (120 images, 10 categories) once per module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnclip_kd import SAMPLE_DATA
+from cnclip_kd.images import load_image
+from cnclip_kd.index import GalleryIndex, load_encoder
+from cnclip_kd.widget import DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
+from demo_fixtures import DEMO_RUNS, build_saved_index, copy_output, demo_output, prepare_sample
+
+MODELS = list(DEMO_RUNS)  # ["tiny-finetune", "tiny-kd-cosine"]
+PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return prepare_sample(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory, data_dir) -> Path:
+    """An OUTPUT_DIR as notebook 03 leaves it: runs/<model> and index/<model> for both students."""
+    out = copy_output(demo_output(tmp_path_factory), tmp_path_factory.mktemp("widget") / "out")
+    for name in MODELS:
+        build_saved_index(out / "runs" / name / "checkpoints" / "epoch_latest.pt", data_dir, out / "index" / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def indexes(output_dir) -> dict:
+    return {name: GalleryIndex.load(output_dir / "index" / name) for name in MODELS}
+
+
+@pytest.fixture
+def demo(output_dir) -> QueryDemo:
+    return QueryDemo.from_dirs({name: output_dir / "index" / name for name in MODELS}, k=10).build()
+
+
+def _expected(index: GalleryIndex, row: int, k: int) -> tuple[list[int], np.ndarray]:
+    scores, rows = index.search(index.embeddings[row][None], k, exclude_ids=[int(index.gallery.ids[row])])
+    return [int(index.gallery.ids[r]) for r in rows[0]], scores[0]
+
+
+def _grid_thumbnails(demo: QueryDemo) -> list[bytes]:
+    return [cell.children[0].value for cell in demo.grid.children]
+
+
+def test_build_makes_widgets_without_searching(demo, indexes):
+    assert demo.models == MODELS
+    assert demo.model_picker.options == tuple(MODELS) and demo.model_picker.value == MODELS[0]
+    assert demo.k_picker.value == 10 and demo.k_picker.max == 50  # max_k, under the 120-image gallery
+    # Every gallery image can be picked, in gallery order.
+    assert [value for _, value in demo.query_picker.options] == list(range(120))
+    assert demo.results == [] and demo.grid.children == () and demo.last_query_ms is None
+    assert demo.query["source"] == "gallery" and demo.query["id"] == int(indexes[MODELS[0]].gallery.ids[0])
+
+
+def test_large_gallery_offers_evenly_spaced_choices(output_dir, indexes):
+    demo = QueryDemo.from_dirs({"m": output_dir / "index" / MODELS[0]}, max_choices=10, max_k=500).build()
+    rows = [value for _, value in demo.query_picker.options]
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 119 and rows == sorted(rows)
+    assert demo.k_picker.max == 120  # capped at the gallery size
+    demo.select_query(5)  # not offered: added to the dropdown
+    assert demo.query_picker.value == 5 and 5 in [value for _, value in demo.query_picker.options]
+    assert demo.query["id"] == int(indexes[MODELS[0]].gallery.ids[5])
+
+
+def test_gallery_query_fills_the_grid_with_the_index_top_k(demo, indexes):
+    index = indexes[MODELS[0]]
+    demo.query_picker.value = 5
+    demo.k_picker.value = 7
+    demo.search_button.click()
+
+    ids, scores = _expected(index, 5, 7)
+    query = index.gallery.meta[5]
+    assert [r["id"] for r in demo.results] == ids
+    assert [r["rank"] for r in demo.results] == list(range(1, 8))
+    np.testing.assert_allclose([r["score"] for r in demo.results], scores, rtol=1e-6)
+    got = [r["score"] for r in demo.results]
+    assert got == sorted(got, reverse=True)
+    assert query["id"] not in ids  # the query itself is left out
+    for r in demo.results:
+        meta = index.gallery.meta[r["row"]]
+        assert (r["caption"], r["label"]) == (meta["caption"], meta["label"])
+        assert r["same_category"] == (meta["label"] == query["label"])
+    thumbs = _grid_thumbnails(demo)
+    assert len(thumbs) == 7 and all(t[:2] == b"\xff\xd8" for t in thumbs)  # JPEG thumbnails
+    assert demo.last_query_ms is not None and demo.last_query_ms >= 0
+    assert demo.timings["encode_ms"] == 0.0  # the stored embedding, no model run
+    assert f"{demo.last_query_ms:.1f} ms" in demo.time_html.value
+    assert demo.status.startswith(f"{MODELS[0]}: 7 ") and f"id {query['id']}" in demo.status
+    assert f"id {query['id']}" in demo.query_text.value and demo.query_image.value[:2] == b"\xff\xd8"
+
+
+def test_model_switch_and_select_by_id(demo, indexes):
+    other = indexes[MODELS[1]]
+    image_id = int(other.gallery.ids[11])
+    demo.select_query(image_id=image_id)
+    demo.model_picker.value = MODELS[1]
+    demo.k_picker.value = 10
+    results = demo.update()
+    assert [r["id"] for r in results] == _expected(other, 11, 10)[0]
+    assert demo.status.startswith(f"{MODELS[1]}: 10 ")
+    with pytest.raises(KeyError, match="not in the gallery"):
+        demo.select_query(image_id=-5)
+    with pytest.raises(IndexError):
+        demo.select_query(120)
+
+
+def test_index_without_embeddings_encodes_the_gallery_image(output_dir, indexes):
+    saved = indexes[MODELS[0]]
+    bare = GalleryIndex(saved.index, saved.gallery, saved.stats, embeddings=None)
+    demo = QueryDemo({"bare": bare}, k=5).build()
+    demo.select_query(3)
+    results = demo.update()
+    assert len(results) == 5 and int(saved.gallery.ids[3]) not in [r["id"] for r in results]
+    assert demo.timings["encode_ms"] > 0  # the model ran (loaded from the spec the index recorded)
+    # Same model, same image: the same scores as with the stored embedding (up to batch-size rounding).
+    np.testing.assert_allclose([r["score"] for r in results], _expected(saved, 3, 5)[1], atol=1e-4)
+
+
+def test_uploaded_photo_is_encoded_and_searched(demo, indexes):
+    demo.k_picker.value = 6
+    demo.uploader.value = ({"name": PHOTO.name, "type": "image/jpeg", "size": PHOTO.stat().st_size,
+                            "content": memoryview(PHOTO.read_bytes()),
+                            "last_modified": dt.datetime.now(dt.timezone.utc)},)
+    assert demo.status.startswith(f"已上传 uploaded {PHOTO.name}")
+    assert demo.query == {"source": "upload", "id": None, "label": "", "caption": "", "name": PHOTO.name}
+    assert demo.uploader.value == ()  # reset, so the same file can be uploaded again
+    demo.search_button.click()
+
+    index = indexes[MODELS[0]]
+    encoder = load_encoder(index.stats["model"]["spec"], device="cpu")
+    scores, rows = index.search(encoder.encode_pil([load_image(PHOTO)]), 6)
+    assert [r["id"] for r in demo.results] == [int(index.gallery.ids[r]) for r in rows[0]]
+    np.testing.assert_allclose([r["score"] for r in demo.results], scores[0], rtol=1e-5)
+    assert all(r["same_category"] is None for r in demo.results)  # an upload has no category
+    assert len(_grid_thumbnails(demo)) == 6
+    assert demo.timings["encode_ms"] > 0 and demo.status.startswith(f"{MODELS[0]}: 6 ")
+    assert PHOTO.name in demo.header_html.value
+
+    # An encoder handed in is used as it is (nothing loaded from the spec).
+    calls = []
+    encode_pil = encoder.encode_pil
+    encoder.encode_pil = lambda images, **kw: calls.append(len(images)) or encode_pil(images, **kw)
+    given = QueryDemo({"given": (encoder, index)}, k=6).build()
+    given.upload(PHOTO.read_bytes(), name=PHOTO.name)
+    assert [r["id"] for r in given.update()] == [r["id"] for r in demo.results] and calls == [1]
+
+
+@pytest.mark.parametrize("data, name, message", [
+    (b"just some notes\n", "notes.txt", "not a usable image (not an image file"),
+    (PHOTO.read_bytes()[:2000], "cut.jpg", "not a usable image (truncated or corrupt"),
+    (b"", "empty.png", "not a usable image (empty data"),
+    # A decodable JPEG, but over the limit: refused by size, before decoding.
+    (PHOTO.read_bytes() + bytes(DEFAULT_MAX_UPLOAD_BYTES), "huge.jpg", "文件太大 too large (10.0 MB > 10 MB)"),
+], ids=["text", "truncated", "empty", "too-large"])
+def test_bad_upload_is_refused_in_the_panel(demo, data, name, message):
+    demo.select_query(2)
+    demo.update()
+    assert len(demo.results) == 10
+    demo.upload(data, name=name)  # must not raise
+    assert demo.status.startswith(f"{name}: ") and message in demo.status
+    assert message.split(" (")[0] in demo.status_html.value
+    assert demo.results == [] and demo.grid.children == ()  # no stale results under a refused upload
+    assert demo.query is None
+    assert demo.update() == []  # searching now explains instead of failing
+    assert "upload a photo first" in demo.status
+    demo.select_query(2)  # and a gallery pick works again
+    assert len(demo.update()) == 10
+
+
+def test_upload_limit_is_configurable(output_dir):
+    demo = QueryDemo.from_dirs({"m": output_dir / "index" / MODELS[0]}, max_upload_bytes=1000, k=3).build()
+    demo.upload(PHOTO.read_bytes(), name="p.jpg")
+    assert demo.status == f"p.jpg: 文件太大 too large ({PHOTO.stat().st_size / 1024:.0f} KB > 1000 B)"
+    assert demo.query is None
+    assert "(≤ 1000 B)" in demo.uploader.description  # the button states the limit
+
+
+def test_constructor_errors(tmp_path):
+    with pytest.raises(ValueError, match="at least one"):
+        QueryDemo({})
+    with pytest.raises(FileNotFoundError, match="03_build_index"):
+        QueryDemo.from_dirs({"nothing": tmp_path})
+
+
+# --------------------------------------------------------------------------- notebook 05
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_notebook_05_on_saved_indexes(notebook_runner, output_dir, indexes):
+    rec = notebook_runner("05_query_demo.ipynb", {"OUTPUT_DIR": str(output_dir), "K": 5, "QUERY": 4,
+                                                   "UPLOAD": str(PHOTO)})
+    assert rec["models"] == MODELS and rec["k"] == 5
+    first = indexes[MODELS[0]]
+    assert rec["query_row"] == 4 and rec["query_id"] == int(first.gallery.ids[4])
+    assert rec["n_results"] == rec["grid_items"] == 5
+    ids, scores = _expected(first, 4, 5)
+    assert rec["result_ids"] == ids
+    np.testing.assert_allclose(rec["result_scores"], scores, rtol=1e-6)
+    assert 0 <= rec["same_category"] <= 5 and rec["query_ms"] >= 0
+    assert rec["status"].startswith(f"{MODELS[0]}: 5 ")
+    up = rec["upload"]
+    assert up["name"] == PHOTO.name and up["n_results"] == 5 and len(set(up["ids"])) == 5
+    assert up["scores"] == sorted(up["scores"], reverse=True) and up["query_ms"] > 0
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_notebook_05_builds_missing_indexes(notebook_runner, tmp_path_factory, tmp_path, data_dir):
+    out = copy_output(demo_output(tmp_path_factory), tmp_path / "out")  # runs/ only, no index/
+    rec = notebook_runner("05_query_demo.ipynb", {"OUTPUT_DIR": str(out), "DATA_DIR": str(data_dir), "K": 3,
+                                                   "MODELS": [MODELS[1]]})
+    assert rec["models"] == [MODELS[1]] and rec["n_results"] == 3 and rec["upload"] == {}
+    built = GalleryIndex.load(out / "index" / MODELS[1])
+    assert len(built) == 120 and rec["result_ids"] == _expected(built, 0, 3)[0]
+
+
+@pytest.mark.notebook
+def test_notebook_05_without_models_names_notebook_03(notebook_runner, tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="03_build_index.ipynb"):
+        notebook_runner("05_query_demo.ipynb", {"OUTPUT_DIR": str(tmp_path / "empty")})
