@@ -15,6 +15,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .models import load_student
 from .train import TrainConfig, evaluate_encoder, evaluate_lmdb, train
 
@@ -78,8 +80,6 @@ def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLik
     from .teachers import load_teacher
 
     teacher = load_teacher(str(teacher_name), device=device)
-    import torch
-
     return evaluate_encoder(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
                             teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
 

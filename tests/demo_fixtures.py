@@ -35,7 +35,7 @@ _CACHE: dict = {}
 #: Runs of :func:`demo_output`: name → training overrides.
 DEMO_RUNS = {
     "tiny-finetune": {},
-    "tiny-kd-cosine": {"distillation": True, "teacher_model_name": "random:preset:tiny"},
+    "tiny-kd-cosine": {"distillation": True, "teacher_model_name": "random:preset:tiny", "kd_loss": "cosine"},
 }
 
 

@@ -22,7 +22,7 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
     ckpt = torch.load(rec["checkpoint"], map_location="cpu", weights_only=True)
     assert {"epoch", "step", "name", "state_dict", "optimizer"} <= set(ckpt)
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
-    assert ckpt["step"] == rec["steps"] > 0 and ckpt["kd_loss"] == "cosine"
+    assert ckpt["step"] == rec["steps"] > 0 and ckpt["kd_loss"] == "feature"
 
     # One validation row per validated epoch, metrics in range.
     assert rec["validation"] and all(0.0 <= v["val/p@10"] <= 1.0 for v in rec["validation"])
@@ -42,7 +42,7 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
     with Image.open(rec["curves"]) as fig:
         assert fig.format == "PNG"
     history = [json.loads(line) for line in
-               (out / "runs" / "demo-kd-cosine" / "history.jsonl").read_text().splitlines()]
+               (out / "runs" / "demo-kd-feature" / "history.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in history if "loss/total" in r]
     assert steps == list(range(1, rec["steps"] + 1))
-    assert all("loss/kd_cosine" in r for r in history if "loss/total" in r)
+    assert all("loss/kd_feature" in r for r in history if "loss/total" in r)

@@ -534,7 +534,8 @@ def test_teacher_stays_frozen(kd_runs, run):
 def test_augmentation_runs_the_teacher_online_without_a_cache(data, teacher_dir, tmp_path, monkeypatch):
     spy = _TeacherSpy(monkeypatch)
     result = train(_config(data, tmp_path / "runs", "augment", distillation=True,
-                           teacher_model_name=str(teacher_dir), use_augment=True, max_steps=3, val_data=None))
+                           teacher_model_name=str(teacher_dir), use_augment=True, max_steps=3, val_data=None,
+                           kd_loss="cosine"))
     assert result.steps == 3
     assert spy.calls == {"cache": 0, "train": 3}
     assert not (tmp_path / "runs" / "teacher-cache").exists()

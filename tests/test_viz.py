@@ -43,7 +43,10 @@ def no_cjk_font(monkeypatch):
     monkeypatch.setattr(viz, "_candidate_font_files", lambda: [dejavu])
     monkeypatch.setattr(viz, "_warned_no_font", False)
     viz._find_cjk_font.cache_clear()
-    yield
+    # Earlier figures in this process put the real CJK font first in rcParams; start from defaults.
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        yield
     viz._find_cjk_font.cache_clear()
 
 
