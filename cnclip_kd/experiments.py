@@ -58,7 +58,8 @@ def train_demo_teacher(train_data: str | os.PathLike, val_data: str | os.PathLik
                       # Measured on 2 CPU cores: ~2.6 s/epoch; valid P@10 0.19 / mAP@10 0.12 after 60
                       # epochs with augmentation, against ~0.13 / 0.055 for the demo student.
                       **{"batch_size": 32, "lr": 2e-3, "warmup": 20, "max_epochs": 60, "use_augment": True,
-                         "valid_epoch_interval": 20, "num_workers": 0, "device": "cpu", **overrides})
+                         "valid_epoch_interval": 20, "num_workers": 0, "device": "cpu",
+                         "save_epoch_frequency": 0, **overrides})
     teacher_dir = out_dir / "teachers" / "demo-teacher"
     stamp = teacher_dir / "exported_from.json"
     result = train(cfg)
@@ -146,7 +147,7 @@ def table_markdown(rows: Sequence[dict]) -> str:
 PRESET_DEFAULTS = {
     # Offline, CPU, sample data, minutes: small student distilled from the demo teacher.
     "demo": {"preset": "demo", "batch_size": 32, "max_epochs": 15, "lr": 1e-3, "warmup": 20, "num_workers": 0,
-             "valid_epoch_interval": 5, "device": "cpu"},
+             "valid_epoch_interval": 5, "device": "cpu", "save_epoch_frequency": 0},
     # The real thing: ViT-B-16 from cn_clip's pretrained weights, a ModelScope teacher, a GPU.
     "base": {"vision_model": "ViT-B-16", "text_model": "RoBERTa-wwm-ext-base-chinese", "resume": "ViT-B-16",
              "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100, "num_workers": 4,

@@ -16,3 +16,15 @@ def notebook_runner(tmp_path):
         return run_notebook(name_or_path, tmp_path, parameters, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    # A reserved, never-resolving endpoint makes the hub unreachable even on a networked CI.
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://modelscope.invalid")
+    try:  # modelscope >= 1.3x caches its endpoint in a process-wide config object
+        import modelscope_hub.config as hub_config
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(hub_config, "_default_config", None)

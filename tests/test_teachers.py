@@ -309,15 +309,7 @@ def test_random_teacher_by_arch_name():
 # --------------------------------------------------------------------------- failures
 
 
-def test_unreachable_hub_fails_fast_with_local_dir_hint(monkeypatch, tmp_path):
-    # A reserved, never-resolving endpoint: the hub is unreachable even on a networked CI.
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://modelscope.invalid")
-    try:  # modelscope >= 1.3x caches its endpoint in a process-wide config object
-        import modelscope_hub.config as hub_config
-    except ImportError:
-        pass
-    else:
-        monkeypatch.setattr(hub_config, "_default_config", None)
+def test_unreachable_hub_fails_fast_with_local_dir_hint(unreachable_hub, tmp_path):
     hub_id = "damo/multi-modal_clip-vit-large-patch14_zh"
     start = time.monotonic()
     with pytest.raises(TeacherLoadError) as info:

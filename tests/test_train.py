@@ -612,18 +612,6 @@ def test_distillation_without_teacher_name_is_refused(data, tmp_path):
         train(_config(data, tmp_path, "no-teacher", distillation=True))
 
 
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    # A reserved, never-resolving endpoint (as in test_teachers): unreachable even on a networked CI.
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://modelscope.invalid")
-    try:  # modelscope >= 1.3x caches its endpoint in a process-wide config object
-        import modelscope_hub.config as hub_config
-    except ImportError:
-        pass
-    else:
-        monkeypatch.setattr(hub_config, "_default_config", None)
-
-
 def test_unreachable_hub_through_train_names_the_local_folder_fix(data, tmp_path, unreachable_hub):
     with pytest.raises(TeacherLoadError) as info:
         train(_config(data, tmp_path / "runs", "hub", distillation=True, teacher_model_name=HUB_ID,
