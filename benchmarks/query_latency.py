@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=4, help="different photos per size")
     p.add_argument("--repeats", type=int, default=6, help="timed passes over the queries")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    p.add_argument("--slow-factor", type=float, default=2.0,
+                   help="after 2 timed passes, stop timing back-ends slower than this × the baseline")
     p.add_argument("--gap-ms", type=float, default=30.0, help="pause between queries (idle pools settle)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="include torch.compile + bf16 + freezing (first call takes about a minute)")
@@ -264,16 +266,27 @@ def main(argv=None) -> int:
             decode_cos[label] = {"min": round(min(cos), 5), "mean": round(statistics.mean(cos), 5)}
         timings = {(label, name): [] for label in queries for name in workers}
         rng = random.Random(0)
+        active, dropped = list(workers), []
         for rep in range(args.warmup + args.repeats):
             for label, qs in queries.items():
                 for q in qs:
-                    order = list(workers)
+                    order = list(active)
                     rng.shuffle(order)
                     for name in order:
                         time.sleep(args.gap_ms / 1e3)
                         t = workers[name].ask("search", q)
                         if rep >= args.warmup:
                             timings[(label, name)].append(t)
+            if rep - args.warmup + 1 >= 2:
+                # A back-end far slower than the baseline has made its point; spare the run its time.
+                base = statistics.median(t["total"] for t in timings[(next(iter(queries)), BASELINE)])
+                for name in [n for n in active if n != BASELINE]:
+                    mine = statistics.median(t["total"] for t in timings[(next(iter(queries)), name)])
+                    if mine > args.slow_factor * base:
+                        active.remove(name)
+                        dropped.append(name)
+                        logger.info("%s: p50 %.0f ms > %.1f× the baseline; timed on %d passes only", name, mine,
+                                    args.slow_factor, rep - args.warmup + 1)
         rss = {name: w.ask("rss") for name, w in workers.items()}
         load_s = {name: round(w.load_s, 1) for name, w in workers.items()}
     finally:
@@ -306,7 +319,9 @@ def main(argv=None) -> int:
         f"Machine: {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} vCPUs; load average at start "
         f"{host['load_avg']}, at end {host['load_avg_end']}; torch {host['torch']}, onnxruntime "
         f"{host['onnxruntime']}. {args.queries} photos × {args.repeats} passes per size and back-end "
-        f"(+{args.warmup} warm-up), each back-end in its own process, shuffled order each query.",
+        f"(+{args.warmup} warm-up), each back-end in its own process, shuffled order each query"
+        + (f"; {', '.join(dropped)}: more than {args.slow_factor:g}× slower than the baseline, timed on 2 passes"
+           if dropped else "") + ".",
         "",
         table(rows),
         "",
