@@ -30,7 +30,6 @@ import torch
 
 from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.data import write_lmdb_split
-from cnclip_kd.models import PRESETS
 from cnclip_kd.train import TrainConfig, read_history, train
 
 
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
                                         teacher_cache_dir=str(tmp / "cache")))
                 print(json.dumps(results[-1]), flush=True)
     base = results[0]["samples_per_s"]
-    print(f"\n| mode | samples/s | × fine-tune | steps | wall s |\n|---|---:|---:|---:|---:|")
+    print("\n| mode | samples/s | × fine-tune | steps | wall s |\n|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['mode']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {r['steps']} | "
               f"{r['wall_s']:.1f} |")

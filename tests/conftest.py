@@ -28,3 +28,33 @@ def unreachable_hub(monkeypatch):
         pass
     else:
         monkeypatch.setattr(hub_config, "_default_config", None)
+
+
+# Shared demo fixtures (tests/demo_fixtures.py builds each once per session); a module may override them.
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The sample data prepared with 20 % / 20 % valid / test."""
+    from demo_fixtures import prepare_sample
+
+    return prepare_sample(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An output folder with runs/tiny-finetune and runs/tiny-kd-cosine (tiny students, 3 steps)."""
+    from demo_fixtures import demo_output
+
+    return demo_output(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(runs):
+    return runs / "runs" / "tiny-finetune" / "checkpoints" / "epoch_latest.pt"
+
+
+@pytest.fixture
+def output_dir(tmp_path_factory, tmp_path):
+    """A private copy of the shared output folder (runs/tiny-finetune, runs/tiny-kd-cosine; no index yet)."""
+    from demo_fixtures import copy_output, demo_output
+
+    return copy_output(demo_output(tmp_path_factory), tmp_path / "out")

@@ -19,24 +19,9 @@ from cnclip_kd.deploy import (ExportError, OnnxEncoder, Retriever, TorchEncoder,
 from cnclip_kd.images import BadImageError, encode_jpeg, load_image
 from cnclip_kd.index import GalleryIndex, load_encoder
 from cnclip_kd.models import image_transform
-from demo_fixtures import build_saved_index, demo_output, prepare_sample
+from demo_fixtures import build_saved_index
 
 PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepare_sample(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    return demo_output(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(runs) -> Path:
-    return runs / "runs" / "tiny-finetune" / "checkpoints" / "epoch_latest.pt"
 
 
 @pytest.fixture(scope="module")

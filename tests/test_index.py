@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,15 @@ import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from cnclip_kd import index as index_mod
 from cnclip_kd import viz
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.data import read_labels
 from cnclip_kd.index import (EXACT_MAX, Gallery, GalleryIndex, ImageEncoder, choose_index_kind, compare_models,
                              discover_models, embed_gallery, evaluate_index, gallery_from_source, gallery_from_split,
                              latest_checkpoint, load_encoder)
-from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_hits, ranking_metrics
+from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_hits
 from cnclip_kd.models import ModelLoadError
-from demo_fixtures import build_saved_index, demo_output, prepare_sample
+from demo_fixtures import build_saved_index
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -42,22 +39,6 @@ def _clustered(n: int, dim: int, n_clusters: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_clusters, dim))
     return _unit(centres[rng.integers(0, n_clusters, n)] + 0.35 * rng.normal(size=(n, dim)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepare_sample(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """An output folder with runs/tiny-finetune and runs/tiny-kd-cosine (tiny students, 3 steps)."""
-    return demo_output(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(runs) -> Path:
-    return runs / "runs" / "tiny-finetune" / "checkpoints" / "epoch_latest.pt"
 
 
 @pytest.fixture

@@ -12,22 +12,10 @@ from PIL import Image
 
 from cnclip_kd.data import read_labels
 from cnclip_kd.index import GalleryIndex
-from demo_fixtures import copy_output, demo_output, prepare_sample
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 METRICS = ("p@10", "map@10", "r@1", "r@5", "r@10")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepare_sample(tmp_path_factory)
-
-
-@pytest.fixture
-def output_dir(tmp_path_factory, tmp_path) -> Path:
-    """A private copy of an output folder holding runs/tiny-finetune and runs/tiny-kd-cosine."""
-    return copy_output(demo_output(tmp_path_factory), tmp_path / "out")
 
 
 def _check_metrics(metrics: dict) -> None:

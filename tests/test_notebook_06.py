@@ -10,20 +10,8 @@ from PIL import Image
 
 from cnclip_kd.deploy import OnnxEncoder, Retriever
 from cnclip_kd.index import GalleryIndex, gallery_from_split
-from demo_fixtures import copy_output, demo_output, prepare_sample
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepare_sample(tmp_path_factory)
-
-
-@pytest.fixture
-def output_dir(tmp_path_factory, tmp_path) -> Path:
-    """A private copy of an output folder holding runs/tiny-finetune and runs/tiny-kd-cosine (no index yet)."""
-    return copy_output(demo_output(tmp_path_factory), tmp_path / "out")
 
 
 def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner, output_dir, data_dir):
