@@ -672,6 +672,49 @@ def read_labels(data_dir: str | os.PathLike, split: str | None = None) -> list[d
     return rows
 
 
+class LmdbImages:
+    """Read-only access to the ``imgs`` LMDB of an ``lmdb/{split}`` folder, opened lazily per process.
+
+    Used by training, the teacher cache, gallery embedding and display alike.
+    LMDB handles cannot cross process boundaries, so DataLoader workers reopen
+    them (see ``__getstate__``).
+    """
+
+    def __init__(self, lmdb_dir: str | os.PathLike):
+        self.lmdb_dir = Path(lmdb_dir)
+        self._env = self._txn = None
+
+    def _begin(self):
+        if self._txn is None:
+            self._env = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False,
+                                  meminit=False)
+            self._txn = self._env.begin(buffers=True)
+        return self._txn
+
+    def get(self, image_id: int) -> bytes:
+        """The encoded image stored under ``image_id``."""
+        value = self._begin().get(str(int(image_id)).encode())
+        if value is None:
+            raise KeyError(f"image id {image_id} is not in {self.lmdb_dir / 'imgs'}")
+        return base64.urlsafe_b64decode(bytes(value))
+
+    def image(self, image_id: int) -> Image.Image:
+        """The decoded RGB image stored under ``image_id``."""
+        return Image.open(io.BytesIO(self.get(image_id))).convert("RGB")
+
+    def ids(self) -> list[int]:
+        """All stored image ids, sorted (through a short-lived handle: forked workers must not inherit one)."""
+        env = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False)
+        try:
+            with env.begin() as txn:
+                return sorted(int(k) for k in txn.cursor().iternext(values=False) if k != b"num_images")
+        finally:
+            env.close()
+
+    def __getstate__(self):
+        return {"lmdb_dir": self.lmdb_dir, "_env": None, "_txn": None}
+
+
 def iter_lmdb_images(lmdb_dir: str | os.PathLike) -> Iterable[tuple[int, bytes]]:
     """Yield ``(image_id, jpeg_bytes)`` from an ``lmdb/{split}`` folder, in key order."""
     env = lmdb.open(str(Path(lmdb_dir) / "imgs"), readonly=True, lock=False, readahead=False)

@@ -49,7 +49,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import DataError, _swap_into_place, read_labels, read_source
+from .data import DataError, LmdbImages, _swap_into_place, read_labels, read_source
 from .images import BadImageError, load_image
 from .metrics import grouped_ranking_metrics, neighbour_hits, ranking_metrics
 
@@ -273,31 +273,6 @@ def load_encoder(spec: str | os.PathLike, *, device: str | torch.device | None =
 # --------------------------------------------------------------------------- galleries
 
 
-class _LmdbImages:
-    """Read-only access to a prepared split's ``imgs`` LMDB, opened lazily (per process)."""
-
-    def __init__(self, lmdb_dir: str | os.PathLike):
-        self.lmdb_dir = Path(lmdb_dir)
-        self._env = self._txn = None
-
-    def get(self, image_id: int) -> bytes:
-        import base64
-
-        import lmdb
-
-        if self._txn is None:
-            self._env = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False)
-            self._txn = self._env.begin(buffers=True)
-        value = self._txn.get(str(int(image_id)).encode())
-        if value is None:
-            raise KeyError(f"image id {image_id} is not in {self.lmdb_dir / 'imgs'}")
-        return base64.urlsafe_b64decode(bytes(value))
-
-    def __getstate__(self):
-        # LMDB handles cannot cross process boundaries (DataLoader workers reopen them).
-        return {"lmdb_dir": self.lmdb_dir, "_env": None, "_txn": None}
-
-
 @dataclass(eq=False)
 class Gallery:
     """The searchable images: ids, metadata rows, and the images themselves.
@@ -330,7 +305,7 @@ class Gallery:
         """The encoded image of row ``i`` (file contents, or the JPEG stored in the LMDB)."""
         if self.lmdb_dir is not None:
             if self._reader is None:
-                self._reader = _LmdbImages(self.lmdb_dir)
+                self._reader = LmdbImages(self.lmdb_dir)
             return self._reader.get(int(self.ids[i]))
         return Path(self.meta[i]["image"]).read_bytes()
 

@@ -70,7 +70,8 @@ class ModelLoadError(RuntimeError):
     """A student could not be built or loaded; the message names the file and the fix."""
 
 
-def _config_dir() -> Path:
+def cnclip_config_dir() -> Path:
+    """cn_clip's ``model_configs`` folder (its vision and text architecture JSONs)."""
     from cn_clip.clip import utils as clip_utils
 
     return Path(clip_utils.__file__).parent / "model_configs"
@@ -78,7 +79,7 @@ def _config_dir() -> Path:
 
 def architectures() -> tuple[list[str], list[str]]:
     """Vision and text architecture names cn_clip knows (its model_configs folder)."""
-    names = sorted(p.stem for p in _config_dir().glob("*.json"))
+    names = sorted(p.stem for p in cnclip_config_dir().glob("*.json"))
     text = [n for n in names if "chinese" in n.lower()]
     return [n for n in names if n not in text], text
 
@@ -102,7 +103,7 @@ def model_info(vision_model: str = "ViT-B-16", text_model: str = "RoBERTa-wwm-ex
     info: dict = {}
     vision, text = architectures()
     for name, valid in ((vision_model, vision), (text_model, text)):
-        path = _config_dir() / f"{name.replace('/', '-')}.json"
+        path = cnclip_config_dir() / f"{name.replace('/', '-')}.json"
         if not path.is_file():
             raise ModelLoadError(f"unknown architecture {name!r}; cn_clip knows vision {vision} and text {text}")
         info.update(json.loads(path.read_text()))
@@ -130,7 +131,15 @@ def image_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def strip_module_prefix(state_dict: dict) -> dict:
-    """Drop DDP/compile prefixes (``module.``, ``_orig_mod.``) and cn_clip's unused BERT pooler."""
+    """Drop DDP/compile prefixes (``module.``, ``_orig_mod.``) and cn_clip's unused BERT pooler.
+
+    Checkpoints trained with cn_clip's ``--use-flash-attention`` get their
+    attention keys converted back to the standard names, as cn_clip does.
+    """
+    if any(".Wqkv." in k for k in state_dict):
+        from cn_clip.clip.model import convert_state_dict
+
+        state_dict = convert_state_dict(dict(state_dict))
     out = {}
     for k, v in state_dict.items():
         for prefix in ("module.", "_orig_mod."):

@@ -40,6 +40,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .models import cnclip_config_dir, strip_module_prefix
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -293,21 +295,15 @@ def _cnclip_archs() -> list[str]:
     return list(_MODEL_INFO)
 
 
-def _cnclip_config_dir() -> Path:
-    import cn_clip.clip
-
-    return Path(cn_clip.clip.__file__).resolve().parent / "model_configs"
-
-
 def _read_config(spec: ConfigLike, what: str) -> dict:
     """A cn_clip model config: a name in cn_clip's model_configs, a JSON path, or a mapping."""
     if isinstance(spec, Mapping):
         return dict(spec)
     path = Path(spec)
     if path.suffix != ".json" or not path.is_file():
-        path = _cnclip_config_dir() / f"{str(spec).replace('/', '-')}.json"
+        path = cnclip_config_dir() / f"{str(spec).replace('/', '-')}.json"
     if not path.is_file():
-        names = sorted(p.stem for p in _cnclip_config_dir().glob("*.json"))
+        names = sorted(p.stem for p in cnclip_config_dir().glob("*.json"))
         raise TeacherLoadError(
             f"unknown {what} {str(spec)!r}: give one of cn_clip's model configs {names} "
             "or a path to a JSON file with the same keys")
@@ -340,18 +336,6 @@ def _model_info(vision_model: ConfigLike, text_model: ConfigLike) -> dict:
     return info
 
 
-def _clean_cnclip_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
-    """Strip DDP prefixes and undo flash-attention key names, as cn_clip does."""
-    sd = dict(sd)
-    if sd and next(iter(sd)).startswith("module."):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if any(".Wqkv." in k for k in sd):
-        from cn_clip.clip.model import convert_state_dict
-
-        sd = convert_state_dict(sd)
-    return sd
-
-
 def _build_cnclip(info: dict, sd: Optional[Mapping[str, torch.Tensor]]) -> nn.Module:
     """cn_clip's create_model, without its fixed config directory: CLIP + fp16 + weights."""
     from cn_clip.clip.model import CLIP, convert_weights
@@ -359,7 +343,7 @@ def _build_cnclip(info: dict, sd: Optional[Mapping[str, torch.Tensor]]) -> nn.Mo
     model = CLIP(**info)
     convert_weights(model)
     if sd is not None:
-        sd = {k: v for k, v in _clean_cnclip_state_dict(sd).items() if "bert.pooler" not in k}
+        sd = strip_module_prefix(sd)
         model.load_state_dict(sd)
     return model.eval()
 
@@ -706,7 +690,7 @@ def _as_state_dict(model_or_checkpoint) -> dict:
     if not isinstance(obj, Mapping) or not obj:
         raise TeacherLoadError("export_cnclip_teacher needs a cn_clip model, a state_dict, a "
                                "checkpoint dict with 'state_dict', or a checkpoint path")
-    return _clean_cnclip_state_dict(obj)
+    return strip_module_prefix(obj)
 
 
 def export_cnclip_teacher(model_or_checkpoint, out_dir: Union[str, os.PathLike], *,

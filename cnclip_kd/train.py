@@ -11,10 +11,8 @@ a kill, and stops on a NaN loss with the last good checkpoint kept.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -36,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import read_labels
+from .data import LmdbImages, read_labels
 from .losses import DistillationLoss, build_kd_loss
 from .metrics import image_to_image_metrics
 from .models import (ModelLoadError, build_model, cnclip_state_dict, encode_images, image_transform, load_checkpoint,
@@ -202,7 +200,8 @@ class LMDBPairs(Dataset):
         self.teacher_transform = teacher_transform
         self.augment = augment
         self.context_length = context_length
-        self._txn_pairs = self._txn_imgs = None
+        self.images = LmdbImages(self.lmdb_dir)
+        self._txn_pairs = None
         env = lmdb.open(str(self.lmdb_dir / "pairs"), readonly=True, lock=False, readahead=False)
         with env.begin() as txn:
             self.n_pairs = int(txn.get(b"num_samples").decode())
@@ -211,26 +210,17 @@ class LMDBPairs(Dataset):
     def __len__(self) -> int:
         return self.n_pairs
 
-    def _open(self) -> None:
-        self._env_pairs = lmdb.open(str(self.lmdb_dir / "pairs"), readonly=True, lock=False, readahead=False,
-                                    meminit=False)
-        self._env_imgs = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False,
-                                   meminit=False)
-        self._txn_pairs = self._env_pairs.begin(buffers=True)
-        self._txn_imgs = self._env_imgs.begin(buffers=True)
-
     def pair(self, index: int) -> tuple[int, int, str]:
         """``(image_id, text_id, text)`` of sample ``index``."""
         if self._txn_pairs is None:
-            self._open()
+            self._env_pairs = lmdb.open(str(self.lmdb_dir / "pairs"), readonly=True, lock=False, readahead=False,
+                                        meminit=False)
+            self._txn_pairs = self._env_pairs.begin(buffers=True)
         return pickle.loads(bytes(self._txn_pairs.get(str(index).encode())))
 
     def image(self, image_id: int) -> Image.Image:
         """The decoded RGB image stored under ``image_id``."""
-        if self._txn_imgs is None:
-            self._open()
-        b64 = bytes(self._txn_imgs.get(str(image_id).encode()))
-        return Image.open(io.BytesIO(base64.urlsafe_b64decode(b64))).convert("RGB")
+        return self.images.image(image_id)
 
     def __getitem__(self, index: int) -> dict:
         from cn_clip.clip import tokenize
@@ -247,10 +237,8 @@ class LMDBPairs(Dataset):
 
     def __getstate__(self):
         # LMDB handles cannot cross process boundaries; workers reopen them.
-        state = dict(self.__dict__)
-        for k in ("_env_pairs", "_env_imgs", "_txn_pairs", "_txn_imgs"):
-            state.pop(k, None)
-        state["_txn_pairs"] = state["_txn_imgs"] = None
+        state = {k: v for k, v in self.__dict__.items() if k != "_env_pairs"}
+        state["_txn_pairs"] = None
         return state
 
 
@@ -258,31 +246,15 @@ class LMDBImages(Dataset):
     """Every image of an LMDB folder once (no texts), for encoding and the teacher cache."""
 
     def __init__(self, lmdb_dir: str | os.PathLike, transform: Callable, image_ids: list[int] | None = None):
-        self.lmdb_dir = Path(lmdb_dir)
+        self.images = LmdbImages(lmdb_dir)
         self.transform = transform
-        self._txn = None
-        if image_ids is None:
-            env = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False)
-            with env.begin() as txn:
-                image_ids = sorted(int(k.decode()) for k, _ in txn.cursor() if k != b"num_images")
-            env.close()
-        self.image_ids = list(image_ids)
+        self.image_ids = list(image_ids) if image_ids is not None else self.images.ids()
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        if self._txn is None:
-            self._env = lmdb.open(str(self.lmdb_dir / "imgs"), readonly=True, lock=False, readahead=False)
-            self._txn = self._env.begin(buffers=True)
-        b64 = bytes(self._txn.get(str(self.image_ids[i]).encode()))
-        img = Image.open(io.BytesIO(base64.urlsafe_b64decode(b64))).convert("RGB")
-        return self.image_ids[i], self.transform(img)
-
-    def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_env", "_txn")}
-        state["_txn"] = None
-        return state
+        return self.image_ids[i], self.transform(self.images.image(self.image_ids[i]))
 
 
 def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
