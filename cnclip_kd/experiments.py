@@ -114,7 +114,8 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
             evaluate_teacher(base.teacher_model_name, eval_data, device=base.device or "cpu"), None)
     if include_start:
         model, info = load_student(base.resume, vision_model=base.vision_model, text_model=base.text_model,
-                                   preset=base.preset, download_root=base.download_root)
+                                   preset=base.preset, download_root=base.download_root,
+                                   image_resolution=base.image_resolution)
         add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"]),
             base.resume)
     variants: list[tuple[str, str | None]] = ([("finetune", None)] if include_baseline else [])
@@ -163,10 +164,14 @@ def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
         data_dir: A prepared dataset folder (``lmdb/{train,valid}`` inside).
         out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
         **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value).
+            With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
+            never continues (or clashes with) a run at the model's own side.
     """
     if preset not in PRESET_DEFAULTS:
         raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESET_DEFAULTS)}")
     values = {**PRESET_DEFAULTS[preset], **{k: v for k, v in overrides.items() if v not in (0, "", None)}}
+    if values.get("image_resolution") and "name" in values:
+        values["name"] = f"{values['name']}-{values['image_resolution']}px"  # its own run folder
     data_dir = Path(data_dir)
     return TrainConfig(train_data=str(data_dir / "lmdb" / "train"), val_data=str(data_dir / "lmdb" / "valid"),
                        logs=str(Path(out_dir) / "runs"), **values)

@@ -26,7 +26,7 @@ from cnclip_kd import train as train_mod
 from cnclip_kd.cli import build_parser
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.data import prepare_dataset
-from cnclip_kd.models import PRESETS, build_model, load_student
+from cnclip_kd.models import PRESETS, ModelLoadError, build_model, load_student
 from cnclip_kd.teachers import TEACHERS, Teacher, TeacherLoadError, load_teacher
 from cnclip_kd.train import (LMDBImages, NonFiniteLossError, TeacherFeatureCache, TrainConfig, evaluate_lmdb,
                              read_history, train)
@@ -271,6 +271,85 @@ def test_real_architecture_checkpoint_loads_in_cnclip(data, tmp_path):
                 torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2 * float(a.abs().max()))
     finally:
         result.checkpoint.unlink(missing_ok=True)  # 1.5 GB with the optimizer state
+
+
+
+# --------------------------------------------------------------------------- another input side (CPU latency)
+
+
+def test_student_continues_at_a_smaller_input_side(plain_run, data, tmp_path, caplog):
+    """--resume a 32 px run at 16 px: position embeddings interpolated, fresh optimizer, 16 px from then on."""
+    import logging
+
+    from cnclip_kd.deploy import export_onnx
+
+    start, _ = load_student(plain_run.checkpoint)
+    old = start.visual.positional_embedding.detach()  # 1 + 4×4 tokens
+    with caplog.at_level(logging.INFO, logger="cnclip_kd.train"):
+        result = train(_config(data, tmp_path, "small-side", resume=str(plain_run.checkpoint), image_resolution=16,
+                               max_epochs=1, reset_data_offset=True, save_epoch_frequency=0))
+    assert "input side changed to 16; starting a fresh optimizer" in caplog.text
+    ckpt = _load(result.checkpoint)
+    assert ckpt["model_info"] == {**PRESETS["tiny"], "image_resolution": 16}
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {float(STEPS_PER_EPOCH)}
+    model, info = load_student(result.checkpoint)
+    assert info["image_resolution"] == 16 and model.visual.positional_embedding.shape == (1 + 2 * 2, 64)
+    assert _val_rows(read_history(result.run_dir)), "validation ran at 16 px"
+
+    # The interpolation itself (bicubic, corners aligned): class token and the grid's corners are kept.
+    resized, _ = load_student(plain_run.checkpoint, image_resolution=16)
+    new = resized.visual.positional_embedding.detach()
+    grid_old, grid_new = old[1:].reshape(4, 4, -1), new[1:].reshape(2, 2, -1)
+    torch.testing.assert_close(new[0], old[0])
+    for (i, j), (a, b) in {(0, 0): (0, 0), (0, 1): (0, 3), (1, 0): (3, 0), (1, 1): (3, 3)}.items():
+        torch.testing.assert_close(grid_new[i, j], grid_old[a, b], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert resized.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, PRESETS["tiny"]["embed_dim"])
+
+    # Everything downstream follows the checkpoint's side: the ONNX encoder takes 16 px.
+    report = export_onnx(result.checkpoint, tmp_path / "small.onnx", quantize=False, max_images=20, threads=1)
+    assert report["resolution"] == 16 and report["fp32"]["cosine_min"] > 0.999
+
+    # Continuing that run at another side is refused, not silently resized.
+    with pytest.raises(ModelLoadError, match="trained at image_resolution 16, not 24"):
+        train(_config(data, tmp_path, "small-side", image_resolution=24, max_epochs=2))
+
+
+@pytest.mark.slow
+def test_cnclip_pretrained_name_loads_at_a_smaller_side(tmp_path):
+    """`--resume ViT-B-16 --image-resolution 112`: cn_clip's load_from_name reads the file it would have downloaded
+    (clip_cn_vit-b-16.pt, cn_clip's release format), then the 14×14 position grid is interpolated to 7×7."""
+    from cnclip_kd.models import cnclip_state_dict
+
+    torch.manual_seed(0)
+    source, info = load_student(None, vision_model="ViT-B-16")
+    torch.save({"state_dict": {k: v.half() for k, v in cnclip_state_dict(source).items()}},
+               tmp_path / "clip_cn_vit-b-16.pt")
+    model, sized = load_student("ViT-B-16", download_root=tmp_path, image_resolution=112)
+    assert sized == {**info, "image_resolution": 112} and model.visual.input_resolution == 112
+    old, new = source.visual.positional_embedding.detach().half().float(), model.visual.positional_embedding.detach()
+    assert new.shape == (1 + 7 * 7, 768)
+    torch.testing.assert_close(new[0], old[0])
+    torch.testing.assert_close(new[1:].reshape(7, 7, -1)[6, 6], old[1:].reshape(14, 14, -1)[13, 13],
+                               rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(1, 3, 112, 112)).shape == (1, 512)
+    same, _ = load_student("ViT-B-16", download_root=tmp_path)  # no side given: cn_clip's model as it loads it
+    assert same.visual.input_resolution == 224
+
+
+@pytest.mark.parametrize("side, message", [(20, "not a multiple of the patch size 8: use 16 or 24$"),
+                                           (4, "not a multiple of the patch size 8: use 8$")])
+def test_input_side_must_fit_the_patch_grid(side, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_student(None, preset="tiny", image_resolution=side)
+
+
+def test_resnet_students_keep_their_input_side():
+    with pytest.raises(ModelLoadError, match="only ViT students can change their input side"):
+        load_student(None, preset="demo-teacher", image_resolution=32)
+    model, info = load_student(None, preset="demo-teacher", image_resolution=64)  # its own side: fine
+    assert info["image_resolution"] == 64
 
 
 # --------------------------------------------------------------------------- exact resume after SIGKILL
@@ -654,3 +733,5 @@ def test_parser_accepts_cnclip_spellings():
     assert (args.distillation, args.kd_loss_weight, args.teacher_cache) == (True, 2.0, True)
     args = parser.parse_args(["train", "--train-data", "x"])
     assert (args.distillation, args.kd_loss_weight, args.val_data, args.use_augment) == (False, 0.5, None, False)
+    assert args.image_resolution is None
+    assert parser.parse_args(["train", "--train-data", "x", "--image-resolution", "128"]).image_resolution == 128

@@ -1,0 +1,134 @@
+"""What a smaller student input side costs in retrieval quality, and how much distillation wins back.
+
+A ViT's cost grows with its token count, ``(side / patch)² + 1``: ViT-B-16 at
+128 px runs 65 tokens instead of 197 at 224 and encodes about 3× faster on a
+CPU (``benchmarks/query_latency.py --sides``). This script measures the other
+side of that trade on the offline demo, where everything can be trained here:
+the ``demo`` student (ViT, patch 8, 64 px: 65 tokens) is trained at smaller
+sides — 48 px (37 tokens) and 40 px (26 tokens) by default, the token ratios of
+ViT-B-16 at 168 and 140 px — without and with feature distillation from the
+demo teacher (which keeps its 64 px), over several seeds, and every run is
+evaluated on the held-out test split (category P@10 / mAP@10, image→image).
+Also reported: the 64 px students only *resized* to the smaller side (position
+embeddings interpolated, no training at that side), to show why the student is
+trained at the side it will serve.
+
+These are small models trained from scratch on 360 photos: the numbers show the
+direction and rough size of the trade, not what a pretrained ViT-B-16 loses on
+your data — measure that with notebook 02 (``IMAGE_RESOLUTION``) and 03.
+
+Usage (about 15 minutes on 2 CPU cores; runs are kept in --work-dir and reused)::
+
+    python benchmarks/resolution_quality.py --work-dir out/resolution --out out/resolution/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("resolution_quality")
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sides", default="64,48,40", help="student input sides (the first is the preset's own)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per side and variant")
+    p.add_argument("--kd-loss", default="feature", help="KD loss of the distilled runs")
+    p.add_argument("--epochs", type=int, default=0, help="student epochs (0: the demo preset's)")
+    p.add_argument("--teacher-epochs", type=int, default=0, help="demo teacher epochs (0: its default)")
+    p.add_argument("--work-dir", default=None, help="data, teacher and runs live here (reused)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    t_start = time.perf_counter()
+
+    from cnclip_kd.data import ensure_dataset
+    from cnclip_kd.experiments import evaluate_teacher, preset_config, train_demo_teacher
+    from cnclip_kd.models import PRESETS, load_student
+    from cnclip_kd.train import evaluate_lmdb, train
+
+    sides = [int(s) for s in args.sides.split(",")]
+    native = int(PRESETS["demo"]["image_resolution"])
+    patch = int(PRESETS["demo"]["vision_patch_size"])
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="resolution-quality-"))
+    data_dir = work / "data"
+    ensure_dataset(data_dir)
+    test = data_dir / "lmdb" / "test"
+    teacher = str(train_demo_teacher(data_dir / "lmdb" / "train", data_dir / "lmdb" / "valid", work,
+                                     **({"max_epochs": args.teacher_epochs} if args.teacher_epochs else {})))
+    teacher_metrics = evaluate_teacher(teacher, test)
+    logger.info("teacher: test P@10 %.3f", teacher_metrics["p@10"])
+
+    runs: list[dict] = []
+    checkpoints: dict[tuple[str, int], str] = {}
+    for side in sides:
+        for variant in ("finetune", f"kd-{args.kd_loss}"):
+            for seed in range(args.seeds):
+                cfg = preset_config("demo", data_dir, work, name=f"demo-{variant}-seed{seed}", seed=seed + 1,
+                                    image_resolution=side, distillation=variant != "finetune",
+                                    teacher_model_name=teacher, kd_loss=args.kd_loss, max_epochs=args.epochs)
+                t0 = time.perf_counter()
+                result = train(cfg)
+                model, info = load_student(result.checkpoint)
+                m = evaluate_lmdb(model, test, resolution=info["image_resolution"])
+                runs.append({"side": side, "variant": variant, "seed": seed, "trained_at": side,
+                             "p@10": m["p@10"], "map@10": m["map@10"], "checkpoint": str(result.checkpoint)})
+                if side == native:
+                    checkpoints[(variant, seed)] = str(result.checkpoint)
+                logger.info("%s: test P@10 %.3f (%.0f s)", cfg.name, m["p@10"], time.perf_counter() - t0)
+    # The native-side students, only resized to each smaller side.
+    for side in sides:
+        if side == native:
+            continue
+        for (variant, seed), ckpt in checkpoints.items():
+            model, info = load_student(ckpt, image_resolution=side)
+            m = evaluate_lmdb(model, test, resolution=side)
+            runs.append({"side": side, "variant": variant + " (resized only)", "seed": seed, "trained_at": native,
+                         "p@10": m["p@10"], "map@10": m["map@10"], "checkpoint": ckpt})
+
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    head = ["side 边长", "tokens", *[f"{v} P@10" for v in variants], *[f"{v} mAP@10" for v in variants]]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (2 * len(variants))]
+    for side in sides:
+        cells = [f"{side} px", str((side // patch) ** 2 + 1)]
+        for key in ("p@10", "map@10"):
+            for v in variants:
+                vals = [r[key] for r in runs if r["side"] == side and r["variant"] == v]
+                cells.append(_mean_sd(vals) if vals else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join([
+        f"## Student input side vs. retrieval quality: demo student (ViT, patch {patch}), held-out test split "
+        f"({args.seeds} seeds, mean ± sd)",
+        "",
+        f"Teacher (demo-teacher at {native} px): P@10 {teacher_metrics['p@10']:.3f}, "
+        f"mAP@10 {teacher_metrics['map@10']:.3f}. KD loss: {args.kd_loss}.",
+        "",
+        *lines,
+        "",
+        f"Whole run {time.perf_counter() - t_start:.0f} s.",
+    ])
+    sys.stdout.write(text + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args), "teacher": teacher_metrics, "runs": runs, "markdown": text},
+                                  ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
