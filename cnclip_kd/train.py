@@ -627,8 +627,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
         info = start_ckpt.get("model_info") or model_info(cfg.vision_model, cfg.text_model, cfg.preset)
         if cfg.image_resolution and int(cfg.image_resolution) != int(info["image_resolution"]):
             raise ModelLoadError(f"{latest} was trained at image_resolution {info['image_resolution']}, not "
-                             f"{cfg.image_resolution}: continue it without --image-resolution, or start a new run "
-                             f"(another --name) with --resume {latest}")
+                                 f"{cfg.image_resolution}: continue it without --image-resolution, or start a new "
+                                 f"run (another --name) with --resume {latest}")
         clip = build_model(info)
         load_weights(clip, start_ckpt["state_dict"], latest)
         logger.info("resuming %s from %s (epoch %s, step %s)", cfg.name, latest, start_ckpt["epoch"],
@@ -691,9 +691,12 @@ def train(config: TrainConfig | dict) -> TrainResult:
     if start_ckpt is not None and (resume_own or not cfg.reset_data_offset):
         step, epoch = int(start_ckpt.get("step", 0)), int(start_ckpt.get("epoch", 0))
         epoch_step = int(start_ckpt.get("epoch_step", 0))
-    # Moments of the old position-embedding grid do not fit a student whose input side was changed.
-    resized = (start_ckpt is not None and not resume_own
-               and int((start_ckpt.get("model_info") or info)["image_resolution"]) != resolution)
+    # Moments of the old position-embedding grid do not fit a student whose input side was changed
+    # (checked on the weights: cn_clip's own checkpoints carry no model_info to compare).
+    old_grid = next((v for k, v in (start_ckpt or {}).get("state_dict", {}).items()
+                     if k.endswith("visual.positional_embedding")), None)
+    resized = (not resume_own and old_grid is not None
+               and tuple(old_grid.shape) != tuple(clip.visual.positional_embedding.shape))
     if resized:
         logger.info("%s: input side changed to %d; starting a fresh optimizer", cfg.resume, resolution)
     if start_ckpt is not None and "optimizer" in start_ckpt and (resume_own or not cfg.reset_optimizer) \

@@ -273,7 +273,6 @@ def test_real_architecture_checkpoint_loads_in_cnclip(data, tmp_path):
         result.checkpoint.unlink(missing_ok=True)  # 1.5 GB with the optimizer state
 
 
-
 # --------------------------------------------------------------------------- another input side (CPU latency)
 
 
