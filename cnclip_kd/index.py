@@ -1109,28 +1109,42 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
 
 
 def discover_models(output_dir: str | os.PathLike) -> dict[str, str]:
-    """Every model the kit wrote under ``output_dir``: teacher folders, then student runs by name.
+    """Every model the kit wrote under ``output_dir``: teacher folders, student runs by name, then the teachers
+    those students were distilled from (e.g. ``efficientnet-lite2``), each once.
 
     Returns:
-        Name → spec: ``{"demo-teacher": "teacher:/…/teachers/demo-teacher",
-        "demo-finetune": "/…/runs/demo-finetune/checkpoints/epoch_latest.pt", …}``.
+        Name → spec: ``{"demo-finetune": "/…/runs/demo-finetune/checkpoints/epoch_latest.pt", …,
+        "efficientnet-lite2": "teacher:efficientnet-lite2"}``.
     """
     output_dir = Path(output_dir)
     specs: dict[str, str] = {}
     for cfg in sorted((output_dir / "teachers").glob("*/configuration.json")):
         specs[cfg.parent.name] = f"teacher:{cfg.parent.resolve()}"
-    for ckpt in _student_checkpoints(output_dir):
+    students = _student_checkpoints(output_dir)
+    for ckpt in students:
         name = ckpt.parent.parent.name
         specs[name if name not in specs else f"{name}-student"] = str(ckpt.resolve())
+    for ckpt in students:
+        teacher = _checkpoint_facts(ckpt).get("teacher")
+        if not teacher:
+            continue
+        path = Path(str(teacher)).expanduser()
+        spec = f"teacher:{path.resolve() if path.exists() else teacher}"
+        if spec not in specs.values():
+            name = spec_name(spec)
+            specs[name if name not in specs else f"{name}-teacher"] = spec
     return specs
 
 
 def spec_name(spec: str | os.PathLike) -> str:
     """A short name for a model spec: the run name of ``runs/<name>/checkpoints/*.pt``, a file's stem,
-    a teacher folder's name, or the pretrained name."""
+    a teacher folder's name, or the pretrained name (``teacher:timm:convnext_tiny=/m/w.safetensors`` →
+    ``timm-convnext_tiny``, ``teacher:random:preset:tiny`` → ``random-preset-tiny``)."""
     text = str(spec)
     if text.startswith("teacher:"):
         text = text[len("teacher:"):]
+    if ":" in text or "=" in text:  # a spelled name, not a path: keep it a plain folder name
+        return text.split("=", 1)[0].replace(":", "-").replace("/", "-")
     path = Path(text)
     if path.suffix == ".pt" and path.parent.name == "checkpoints":
         return path.parent.parent.name

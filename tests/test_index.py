@@ -314,7 +314,9 @@ def test_build_saved_index_fixture(checkpoint, data_dir, tmp_path):
 
 def test_discover_and_latest_checkpoint(runs, tmp_path):
     specs = discover_models(runs)
-    assert list(specs) == ["tiny-finetune", "tiny-kd-cosine"]
+    # The students, then the teacher the distilled one learnt from (read from its checkpoint), once.
+    assert list(specs) == ["tiny-finetune", "tiny-kd-cosine", "random-preset-tiny"]
+    assert specs["random-preset-tiny"] == "teacher:random:preset:tiny"
     assert latest_checkpoint(runs).parent.parent.name == "tiny-kd-cosine"  # trained last
     with pytest.raises(FileNotFoundError, match="02_distill"):
         latest_checkpoint(tmp_path)
@@ -322,9 +324,9 @@ def test_discover_and_latest_checkpoint(runs, tmp_path):
 
 def test_compare_models_writes_the_table(runs, data_dir, tmp_path):
     gallery = gallery_from_split(data_dir, "test")
-    specs = {**discover_models(runs), "teacher": "teacher:random:preset:tiny"}
+    specs = discover_models(runs)
     rows = compare_models(specs, gallery, tmp_path / "index", device="cpu")
-    assert [r["model"] for r in rows] == ["tiny-finetune", "tiny-kd-cosine", "teacher"]
+    assert [r["model"] for r in rows] == ["tiny-finetune", "tiny-kd-cosine", "random-preset-tiny"]
     for r in rows:
         assert r["n"] == 120 and r["n_queries"] == 120 and r["index"] == "flat"
         for key in ("p@10", "map@10", "r@1", "r@5", "r@10"):

@@ -27,7 +27,7 @@ def _check_metrics(metrics: dict) -> None:
 def test_notebooks_03_then_04(notebook_runner, output_dir, data_dir):
     rec = notebook_runner("03_build_index.ipynb", {
         "OUTPUT_DIR": str(output_dir), "DATA_DIR": str(data_dir),
-        "EXTRA_MODELS": {"teacher": "teacher:random:preset:tiny"}})
+        "EXTRA_MODELS": {"teacher": "teacher:random:preset:demo"}})
 
     # The newest student checkpoint is the default model.
     assert rec["model"] == "tiny-kd-cosine" and rec["spec"].endswith("tiny-kd-cosine/checkpoints/epoch_latest.pt")
@@ -38,8 +38,9 @@ def test_notebooks_03_then_04(notebook_runner, output_dir, data_dir):
     assert rec["evaluation"]["label"]["n_queries"] == 120
 
     rows = rec["comparison"]
-    assert [r["model"] for r in rows] == ["tiny-kd-cosine", "tiny-finetune", "teacher"]
-    assert [r["role"].split()[0] for r in rows] == ["distilled", "fine-tuned", "teacher"]
+    # The distilled student's own teacher is found from its checkpoint; EXTRA_MODELS add to it.
+    assert [r["model"] for r in rows] == ["tiny-kd-cosine", "tiny-finetune", "random-preset-tiny", "teacher"]
+    assert [r["role"].split()[0] for r in rows] == ["distilled", "fine-tuned", "teacher", "teacher"]
     for r in rows:
         _check_metrics(r)
         assert r["n"] == 120
@@ -53,7 +54,7 @@ def test_notebooks_03_then_04(notebook_runner, output_dir, data_dir):
 
     # Notebook 04 on 03's indexes: one Top-10 PNG per model for the same query.
     rec4 = notebook_runner("04_visualize_top10.ipynb", {"OUTPUT_DIR": str(output_dir), "QUERY": 7})
-    assert rec4["models"] == ["tiny-kd-cosine", "tiny-finetune", "teacher"]
+    assert rec4["models"] == ["tiny-kd-cosine", "tiny-finetune", "random-preset-tiny", "teacher"]
     assert rec4["query_row"] == 7 and rec4["query_id"] == int(saved.gallery.ids[7])
     assert set(rec4["index_sizes"].values()) == {120} and set(rec4["gallery_sizes"].values()) == {120}
     for s in rec4["summary"]:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,8 +347,8 @@ def test_input_side_must_fit_the_patch_grid(side, message):
 
 def test_resnet_students_keep_their_input_side():
     with pytest.raises(ModelLoadError, match="only ViT students can change their input side"):
-        load_student(None, preset="demo-teacher", image_resolution=32)
-    model, info = load_student(None, preset="demo-teacher", image_resolution=64)  # its own side: fine
+        load_student(None, preset="demo-resnet", image_resolution=32)
+    model, info = load_student(None, preset="demo-resnet", image_resolution=64)  # its own side: fine
     assert info["image_resolution"] == 64
 
 
@@ -618,6 +619,57 @@ def test_augmentation_runs_the_teacher_online_without_a_cache(data, teacher_dir,
     assert spy.calls == {"cache": 0, "train": 3}
     assert not (tmp_path / "runs" / "teacher-cache").exists()
     assert all(r["loss/kd_cosine"] > 0 for r in _step_rows(result.history))
+
+
+def test_augmented_views_cached_once_and_equal_to_an_online_teacher(data, teacher_dir, tmp_path, monkeypatch):
+    """Seeded views: the cache holds the teacher's features of the very pictures the student is shown."""
+    from cnclip_kd.teacher_cache import ViewAugment, epoch_views
+
+    views = 2
+    spy = _TeacherSpy(monkeypatch)
+    common = dict(distillation=True, teacher_model_name=str(teacher_dir), kd_loss="relation", augment_views=views,
+                  val_data=None, max_epochs=2)
+    cached = train(_config(data, tmp_path / "runs", "views", **common))
+    # The teacher ran only to build the cache: 40 images × 3 views in batches of 16.
+    assert spy.calls == {"cache": math.ceil(N_TRAIN * (views + 1) / 16), "train": 0}
+    (cache_dir,) = list((tmp_path / "runs" / "teacher-cache").iterdir())
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    assert meta["views"] == views and meta["augment"] == ViewAugment().describe()
+    cache = TeacherFeatureCache(cache_dir)
+    assert cache.features.shape == (N_TRAIN, views + 1, 32) and cache.views == views
+
+    # Each cached view is the teacher's feature of that seeded augmentation, and views differ from each other.
+    teacher = load_teacher(str(teacher_dir))
+    plain = LMDBImages(data / "lmdb" / "train", teacher.transform)
+    image_id = plain.image_ids[3]
+    img = plain.images.image(image_id)
+    augment = ViewAugment()
+    for v in range(views + 1):
+        direct = teacher.encode_image(teacher.transform(augment(img, image_id, v))[None])
+        torch.testing.assert_close(cache.lookup(torch.tensor([image_id]), torch.tensor([v])), direct,
+                                   rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cache.lookup(torch.tensor([image_id]), torch.tensor([1])),
+                              cache.lookup(torch.tensor([image_id]), torch.tensor([2])))
+    assert np.asarray(augment(img, image_id, 1)).tobytes() == np.asarray(augment(img, image_id, 1)).tobytes()
+    # Every epoch shows a seeded mix of the views, another one the next epoch.
+    shown = [epoch_views(N_TRAIN, views, 7, e) for e in range(2)]
+    assert shown[0] == epoch_views(N_TRAIN, views, 7, 0) and shown[0] != shown[1]
+    assert set(shown[0]) == {0, 1, 2}
+
+    # The online teacher on the same views gives the same losses step for step.
+    spy.reset()
+    online = train(_config(data, tmp_path / "online", "views", teacher_cache=False, **common))
+    assert spy.calls == {"cache": 0, "train": 2 * STEPS_PER_EPOCH}
+    for a, b in zip(_step_rows(cached.history), _step_rows(online.history), strict=True):
+        assert b["loss/kd_relation"] == pytest.approx(a["loss/kd_relation"], rel=1e-4, abs=1e-6), a["step"]
+
+    # Another seed and another loss reuse the cache: the teacher does not run again.
+    spy.reset()
+    train(_config(data, tmp_path / "runs", "views-seed8", **{**common, "kd_loss": "feature", "max_epochs": 1},
+                  seed=8))
+    assert spy.calls == {"cache": 0, "train": 0}
+    with pytest.raises(ValueError, match="augment_views"):
+        train(_config(data, tmp_path / "runs", "bad", augment_views=-1, max_steps=1))
 
 
 # --------------------------------------------------------------------------- NaN stop
