@@ -80,7 +80,8 @@ def main(argv=None) -> int:
             model, info = load_student(r["checkpoint"])
             valid = evaluate_lmdb(model, data_dir / "lmdb" / "valid", resolution=info["image_resolution"])
             rows.append({"seed": seed, "variant": r["kd_loss"] if r["kd_loss"] != "-" else "finetune",
-                         "test": {k: r[k] for k in METRICS}, "valid": {k: valid[k] for k in METRICS}})
+                         "test": {k: r[k] for k in (*METRICS, "teacher@10")},
+                         "valid": {k: valid[k] for k in METRICS}})
         logger.info("seed %d: %s (%.0f s)", seed, {r["variant"]: round(r["test"]["p@10"], 3)
                                                    for r in rows if r["seed"] == seed}, time.perf_counter() - t0)
         if not teacher:
@@ -88,13 +89,14 @@ def main(argv=None) -> int:
                        for split in ("test", "valid")}
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = ["| 模型 model | test P@10 | test mAP@10 | valid P@10 | valid mAP@10 |", "|---|---:|---:|---:|---:|",
+    lines = ["| 模型 model | test P@10 | test mAP@10 | valid P@10 | valid mAP@10 | test teacher@10 |",
+             "|---|---:|---:|---:|---:|---:|",
              f"| 教师 teacher ({recipe['teacher_model_name']}) | {teacher['test']['p@10']:.3f} | "
-             f"{teacher['test']['map@10']:.3f} | {teacher['valid']['p@10']:.3f} | {teacher['valid']['map@10']:.3f} |"]
+             f"{teacher['test']['map@10']:.3f} | {teacher['valid']['p@10']:.3f} | {teacher['valid']['map@10']:.3f} | - |"]
+    columns = [("test", k) for k in METRICS] + [("valid", k) for k in METRICS] + [("test", "teacher@10")]
     for v in variants:
         label = "只微调 fine-tune, no KD" if v == "finetune" else f"+ KD {v}"
-        cells = [mean_sd([r[split][k] for r in rows if r["variant"] == v])
-                 for split in ("test", "valid") for k in METRICS]
+        cells = [mean_sd([r[split][k] for r in rows if r["variant"] == v]) for split, k in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     default = recipe["kd_loss"]
     summary = []
@@ -103,12 +105,19 @@ def main(argv=None) -> int:
         for r in rows:
             by_seed[r["seed"]][r["variant"]] = r["test"]["p@10"]
         gaps = [s[default] - s["finetune"] for s in by_seed.values()]
+        agree = {r["seed"]: {} for r in rows}
+        for r in rows:
+            agree[r["seed"]][r["variant"]] = r["test"]["teacher@10"]
+        agree_gaps = [s[default] - s["finetune"] for s in agree.values()]
         kd_mean = statistics.mean(s[default] for s in by_seed.values())
         ft_mean = statistics.mean(s["finetune"] for s in by_seed.values())
         sd = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
         summary = [
             f"Default KD ({default}) vs fine-tune, test P@10: gaps {[round(g, 3) for g in gaps]}, "
             f"mean {statistics.mean(gaps):.3f}, sd {sd:.3f}; mean gap - 3 sd = {statistics.mean(gaps) - 3 * sd:.3f}.",
+            f"Agreement with the teacher (test teacher@10), KD minus fine-tune: gaps "
+            f"{[round(g, 3) for g in agree_gaps]}, mean {statistics.mean(agree_gaps):.3f}, sd "
+            f"{statistics.stdev(agree_gaps) if len(agree_gaps) > 1 else float('nan'):.3f}.",
             f"Ratios of the means: KD / fine-tune {kd_mean / max(ft_mean, 1e-9):.2f}×, "
             f"KD / teacher {kd_mean / teacher['test']['p@10']:.2f}×.",
         ]

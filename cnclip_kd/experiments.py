@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .models import load_student
-from .train import TrainConfig, evaluate_encoder, evaluate_lmdb, train
+from .train import TrainConfig, encode_split, evaluate_lmdb, split_metrics, train
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,18 @@ def split_model_info(info: dict) -> tuple[dict, dict]:
 def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
                      batch_size: int = 64) -> dict:
     """Image→image category metrics of a teacher on a prepared split, through its own preprocessing."""
+    return teacher_split(teacher_name, lmdb_dir, device=device, batch_size=batch_size)[0]
+
+
+def teacher_split(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
+                  batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+    """A teacher's metrics on a prepared split and its L2-normalised features of it (in the split's order)."""
     from .teachers import load_teacher
 
     teacher = load_teacher(str(teacher_name), device=device)
-    return evaluate_encoder(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
-                            teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
+    ids, feats = encode_split(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
+                              teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
+    return split_metrics(ids, feats, lmdb_dir), feats
 
 
 def teacher_markdown(teacher_name: str, *, device: str = "cpu") -> str:
@@ -73,23 +80,28 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         table_path: Write the table there as JSON (atomically).
 
     Returns:
-        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "checkpoint"}``, in run order.
+        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", "checkpoint"}``, in
+        run order. ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest neighbours that the
+        teacher also ranks in its 10 nearest — how much of the teacher's notion of similarity a student took.
     """
     rows: list[dict] = []
 
     def add(model: str, kd_loss: str | None, metrics: dict, checkpoint: str | None) -> None:
         rows.append({"model": model, "kd_loss": kd_loss or "-", **{k: metrics[k] for k in
-                     ("p@10", "map@10", "r@1", "r@5", "r@10")}, "checkpoint": checkpoint})
+                     ("p@10", "map@10", "r@1", "r@5", "r@10")}, "teacher@10": metrics.get("teacher@10"),
+                     "checkpoint": checkpoint})
 
-    if include_teacher and base.teacher_model_name:
-        add(f"teacher 教师 ({Path(base.teacher_model_name).name})", None,
-            evaluate_teacher(base.teacher_model_name, eval_data, device=base.device or "cpu"), None)
+    reference = None
+    if base.teacher_model_name:
+        teacher_metrics, reference = teacher_split(base.teacher_model_name, eval_data, device=base.device or "cpu")
+        if include_teacher:
+            add(f"teacher 教师 ({Path(base.teacher_model_name).name})", None, teacher_metrics, None)
     if include_start:
         model, info = load_student(base.resume, vision_model=base.vision_model, text_model=base.text_model,
                                    preset=base.preset, download_root=base.download_root,
                                    image_resolution=base.image_resolution)
-        add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"]),
-            base.resume)
+        add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"],
+                                                        reference=reference), base.resume)
     variants: list[tuple[str, str | None]] = ([("finetune", None)] if include_baseline else [])
     variants += [(f"kd-{name}", name) for name in kd_losses]
     for suffix, kd in variants:
@@ -97,7 +109,8 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         result = train(cfg)
         model, info = load_student(result.checkpoint)
         label = "student fine-tuned 学生微调" if kd is None else f"student + KD 学生蒸馏 ({kd})"
-        add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"]), str(result.checkpoint))
+        add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"], reference=reference),
+            str(result.checkpoint))
     if table_path is not None:
         table_path = Path(table_path)
         table_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +122,12 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
 
 
 def table_markdown(rows: Sequence[dict]) -> str:
-    """The comparison rows as a Markdown table (metrics to 3 decimals)."""
-    head = "| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 |\n|---|---|---:|---:|---:|---:|---:|"
-    body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join(f"{r[k]:.3f}" for k in
-            ("p@10", "map@10", "r@1", "r@5", "r@10")) + " |" for r in rows]
+    """The comparison rows as a Markdown table (metrics to 3 decimals; ``teacher@10``: agreement with the teacher)."""
+    keys = ("p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10")
+    head = ("| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|")
+    body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}"
+                                                             for k in keys) + " |" for r in rows]
     return "\n".join([head, *body])
 
 

@@ -147,3 +147,20 @@ def grouped_ranking_metrics(relevant: np.ndarray, n_relevant: np.ndarray, groups
     relevant, n_relevant = np.asarray(relevant, dtype=bool), np.asarray(n_relevant)
     return {str(g): ranking_metrics(relevant[groups == g], n_relevant[groups == g], ks=ks)
             for g in sorted(set(groups.tolist())) if g != ""}
+
+
+def neighbour_agreement(features: torch.Tensor, reference: torch.Tensor, *, k: int = 10) -> float:
+    """How much of another model's notion of similarity a model shares: mean overlap of the two top-k lists.
+
+    Every image queries the others (itself excluded) once with ``features`` and once with
+    ``reference`` (e.g. the teacher's features of the same images, same order); the score is the
+    mean of ``|top-k(features) ∩ top-k(reference)| / k``. 1.0 means the same neighbours, and picking
+    at random gives about ``k / (N - 1)``. Needs no labels.
+    """
+    if features.shape[0] != reference.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {reference.shape[0]} reference rows")
+    k = min(k, features.shape[0] - 1)
+    _, a = top_k(features, features, k, exclude_self=True)
+    _, b = top_k(reference, reference, k, exclude_self=True)
+    a, b = a.cpu().numpy(), b.cpu().numpy()
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import lmdb
 import torch
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .data import LmdbImages, read_labels
 from .distributed import autocast as _autocast, barrier as _barrier, init_distributed
 from .losses import DistillationLoss, build_kd_loss
-from .metrics import image_to_image_metrics
+from .metrics import image_to_image_metrics, neighbour_agreement
 from .models import (ModelLoadError, build_model, cnclip_state_dict, encode_images, image_transform, load_checkpoint,
                      load_student, load_weights, model_info)
 from .teacher_cache import (LMDBImages, TeacherFeatureCache, ViewAugment,  # noqa: F401 - re-exported
@@ -389,19 +389,10 @@ def _data_dir_of(lmdb_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def evaluate_encoder(encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
-                     lmdb_dir: str | os.PathLike, *, batch_size: int = 128, num_workers: int = 0,
-                     device: torch.device | str = "cpu", autocast_dtype=None, k: int = 10) -> dict:
-    """Image→image category metrics (P@k, mAP@k, R@1/5/10) of any image encoder on a prepared split.
-
-    Args:
-        encode: Batch of transformed images → features (student or teacher).
-        transform: PIL image → tensor, the encoder's own preprocessing.
-        lmdb_dir: An ``lmdb/{split}`` folder; labels come from the ``labels.csv``
-            that ``prepare`` wrote beside ``lmdb/``.
-    """
-    lmdb_dir = Path(lmdb_dir)
-    labels = {r["image_id"]: r["label"] for r in read_labels(_data_dir_of(lmdb_dir))}
+def encode_split(encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable, lmdb_dir: str | os.PathLike, *,
+                 batch_size: int = 128, num_workers: int = 0, device: torch.device | str = "cpu",
+                 autocast_dtype=None) -> tuple[list[int], torch.Tensor]:
+    """Image ids and features (``[N, D]`` float32, on the CPU) of every image in an ``lmdb/{split}`` folder."""
     ds = LMDBImages(lmdb_dir, transform)
     ids, feats = [], []
     device = torch.device(device)
@@ -409,10 +400,41 @@ def evaluate_encoder(encode: Callable[[torch.Tensor], torch.Tensor], transform: 
         with _autocast(device, autocast_dtype):
             feats.append(encode(images.to(device)).float().cpu())
         ids += batch_ids.tolist()
+    return ids, torch.cat(feats)
+
+
+def evaluate_encoder(encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
+                     lmdb_dir: str | os.PathLike, *, batch_size: int = 128, num_workers: int = 0,
+                     device: torch.device | str = "cpu", autocast_dtype=None, k: int = 10,
+                     reference: torch.Tensor | None = None) -> dict:
+    """Image→image category metrics (P@k, mAP@k, R@1/5/10) of any image encoder on a prepared split.
+
+    Args:
+        encode: Batch of transformed images → features (student or teacher).
+        transform: PIL image → tensor, the encoder's own preprocessing.
+        lmdb_dir: An ``lmdb/{split}`` folder; labels come from the ``labels.csv``
+            that ``prepare`` wrote beside ``lmdb/``.
+        reference: Another encoder's features of the same split in the same order (e.g. the teacher's,
+            from :func:`encode_split`); then ``"teacher@k"`` is added: the mean share of each image's
+            top-k neighbours that the reference also ranks in its top k (:func:`neighbour_agreement`).
+    """
+    ids, feats = encode_split(encode, transform, lmdb_dir, batch_size=batch_size, num_workers=num_workers,
+                              device=device, autocast_dtype=autocast_dtype)
+    return split_metrics(ids, feats, lmdb_dir, k=k, reference=reference)
+
+
+def split_metrics(ids: Sequence[int], feats: torch.Tensor, lmdb_dir: str | os.PathLike, *, k: int = 10,
+                  reference: torch.Tensor | None = None) -> dict:
+    """:func:`evaluate_encoder`'s metrics from features already computed with :func:`encode_split`."""
+    lmdb_dir = Path(lmdb_dir)
+    labels = {r["image_id"]: r["label"] for r in read_labels(_data_dir_of(lmdb_dir))}
     missing = [i for i in ids if i not in labels]
     if missing:
         raise ValueError(f"{lmdb_dir}: {len(missing)} image ids have no label in labels.csv (e.g. {missing[:3]})")
-    return image_to_image_metrics(torch.cat(feats), [labels[i] for i in ids], k=k)
+    out = image_to_image_metrics(feats, [labels[i] for i in ids], k=k)
+    if reference is not None:
+        out[f"teacher@{k}"] = neighbour_agreement(feats, reference, k=k)
+    return out
 
 
 def evaluate_lmdb(model: torch.nn.Module, lmdb_dir: str | os.PathLike, *, resolution: int, **kwargs) -> dict:

@@ -18,7 +18,7 @@ from cnclip_kd.data import read_labels
 from cnclip_kd.index import (EXACT_MAX, Gallery, GalleryIndex, ImageEncoder, choose_index_kind, compare_models,
                              discover_models, embed_gallery, evaluate_index, gallery_from_source, gallery_from_split,
                              latest_checkpoint, load_encoder)
-from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_hits
+from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_agreement, neighbour_hits
 from cnclip_kd.models import ModelLoadError
 from demo_fixtures import build_saved_index
 
@@ -191,6 +191,22 @@ def test_save_load_round_trip(tmp_path, kind):
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def test_neighbour_agreement_by_hand():
+    # Points on a line: every point's 2 nearest (by cosine, after an offset) are its two neighbours on the line.
+    angles = torch.linspace(0, 1.2, 6)
+    line = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    assert neighbour_agreement(line, line, k=2) == 1.0
+    assert neighbour_agreement(line, line * 3.0, k=2) == 1.0  # only the ranking counts
+    # Reversing the order of the points maps each one's neighbours onto other indices.
+    flipped = line.flip(0)
+    a = torch.tensor([[1, 2], [0, 2], [1, 3], [2, 4], [3, 5], [3, 4]])
+    b = (5 - a.flip(0))  # the neighbour lists of the flipped points, in the original indices
+    expected = np.mean([len(set(x.tolist()) & set(y.tolist())) / 2 for x, y in zip(a, b)])
+    assert neighbour_agreement(line, flipped, k=2) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="reference rows"):
+        neighbour_agreement(line, line[:3])
 
 
 def test_evaluate_index_matches_hand_computed_metrics():
