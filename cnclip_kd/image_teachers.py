@@ -31,6 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .models import strip_module_prefix
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,8 +50,7 @@ class ImageTeacherError(RuntimeError):
 
 def is_image_teacher(name: str) -> bool:
     """Whether ``name`` is spelled as an image-model teacher (``efficientnet-lite*`` or ``timm:``)."""
-    base = name.split("=", 1)[0]
-    return base in EFFICIENTNET_LITE or base.startswith("efficientnet-lite") or name.startswith("timm:")
+    return name.startswith(("efficientnet-lite", "timm:"))
 
 
 def _split_spec(name: str) -> tuple[str, Optional[Path]]:
@@ -64,7 +65,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, or a torch state dict (``weights_only=True``).
 
     Checkpoint dicts that wrap the weights (``state_dict``, ``model``, ``state_dict_ema``)
-    are unwrapped; DDP's ``module.`` prefix is dropped.
+    are unwrapped; DDP / compile prefixes are dropped (:func:`cnclip_kd.models.strip_module_prefix`).
 
     Raises:
         ImageTeacherError: The file is missing, unreadable or holds no tensors.
@@ -89,7 +90,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, Mapping) or not any(torch.is_tensor(v) for v in obj.values()):
         raise ImageTeacherError(f"{path} holds no state dict (a mapping of parameter names to tensors)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items() if torch.is_tensor(v)}
+    return strip_module_prefix({k: v for k, v in obj.items() if torch.is_tensor(v)})
 
 
 def first_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor],

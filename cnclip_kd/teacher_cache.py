@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,9 +48,13 @@ class ViewAugment:
     """
 
     def __init__(self, scale: Sequence[float] = (0.35, 1.0), jitter: float = 0.3, seed: int = 0):
+        from torchvision import transforms as T
+
         self.scale = (float(scale[0]), float(scale[1]))
         self.jitter = float(jitter)
         self.seed = int(seed)
+        # The crop is sized per image in __call__; flip and jitter draw from torch's RNG, seeded there.
+        self._flip_jitter = T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(self.jitter, self.jitter, self.jitter)])
 
     def describe(self) -> dict:
         """What decides the pictures (part of the cache key)."""
@@ -61,16 +64,14 @@ class ViewAugment:
         """The ``view``-th augmented view of ``image`` (a PIL image); view 0 returns it unchanged."""
         if view == 0:
             return image
-        from torchvision import transforms as T
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms import functional as F
 
-        pipeline = T.Compose([T.RandomResizedCrop(image.size[::-1], scale=self.scale), T.RandomHorizontalFlip(),
-                              T.ColorJitter(self.jitter, self.jitter, self.jitter)])
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # every draw below is torch's: seed it, leave the caller's alone
             torch.manual_seed((self.seed * 1_000_003 + int(image_id)) * 1009 + int(view))
-            out = pipeline(image)
-        random.setstate(state)
-        return out
+            top, left, h, w = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+            out = F.resized_crop(image, top, left, h, w, list(image.size[::-1]))
+            return self._flip_jitter(out)
 
     def __repr__(self) -> str:
         return f"ViewAugment({self.describe()})"
