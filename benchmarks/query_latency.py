@@ -149,7 +149,8 @@ def export_models(work: Path, ckpt: Path, stem: str, threads: int) -> dict:
 
 def make_index(work: Path, n: int, dim: int, kind: str) -> tuple[Path, dict]:
     """A saved index of ``n`` clustered synthetic unit vectors (reused when already there)."""
-    from cnclip_kd.index import Gallery, GalleryIndex
+    from cnclip_kd.gallery import Gallery
+    from cnclip_kd.index import GalleryIndex
 
     index_dir = work / f"index-{n}-{dim}-{kind}"
     if (index_dir / "stats.json").is_file():

@@ -172,7 +172,9 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 def _run_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .index import gallery_from_source, gallery_from_split, index_model, load_encoder
+    from .encoders import load_encoder
+    from .evaluate import index_model
+    from .gallery import gallery_from_source, gallery_from_split
 
     gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source)
     encoder = load_encoder(args.model, device=args.device, vision_model=args.vision_model,
@@ -201,7 +203,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .index import GalleryIndex, comparison_markdown, evaluate_index, metrics_row, write_comparison
+    from .evaluate import comparison_markdown, evaluate_index, metrics_row, write_comparison
+    from .index import GalleryIndex
 
     rows = []
     for directory in args.indexes:

@@ -218,7 +218,7 @@ class TorchEncoder:
         dim: Embedding size D.
         precision: ``"fp32"`` or ``"bf16"``.
         compiled: Whether the tower runs through ``torch.compile`` (inductor, weights frozen).
-        fingerprint: As :meth:`cnclip_kd.index.ImageEncoder.fingerprint` (what the index records).
+        fingerprint: As :meth:`cnclip_kd.encoders.ImageEncoder.fingerprint` (what the index records).
         threads: ``torch.get_num_threads()`` after loading.
         name: ``"torch"``, ``"torch-bf16"`` or ``"torch-compile"``.
     """
@@ -226,12 +226,12 @@ class TorchEncoder:
     def __init__(self, spec: str | os.PathLike, *, precision: str = "fp32", compile: bool = False,
                  threads: int | None = None, vision_model: str | None = None, text_model: str | None = None):
         """Load ``spec`` (a student checkpoint or cn_clip pretrained name, see
-        :func:`cnclip_kd.index.load_encoder`) on the CPU.
+        :func:`cnclip_kd.encoders.load_encoder`) on the CPU.
 
         ``compile=True`` compiles the tower with inductor (weights frozen into the
         graph) and runs one warm-up batch here: tens of seconds for a ViT-B-16 on 2 cores.
         """
-        from .index import load_encoder
+        from .encoders import load_encoder
 
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -299,7 +299,7 @@ class _NormalizedTower(torch.nn.Module):
 
 def _resolve_source(source: Any, vision_model: str | None, text_model: str | None) -> tuple[torch.nn.Module, str, str | None]:
     """(image tower on the CPU in fp32, description, fingerprint or None) of what export_onnx was given."""
-    from .index import ImageEncoder, load_encoder
+    from .encoders import ImageEncoder, load_encoder
 
     if isinstance(source, (str, os.PathLike)):
         kwargs = {k: v for k, v in (("vision_model", vision_model), ("text_model", text_model)) if v}
@@ -428,8 +428,8 @@ def export_onnx(
     ``<stem>.int8.onnx`` (when kept) and ``<stem>.report.json`` (the returned report).
 
     Args:
-        source: A student checkpoint path or spec (:func:`cnclip_kd.index.load_encoder`),
-            an :class:`~cnclip_kd.index.ImageEncoder` of a student, or a cn_clip ``CLIP`` module.
+        source: A student checkpoint path or spec (:func:`cnclip_kd.encoders.load_encoder`),
+            an :class:`~cnclip_kd.encoders.ImageEncoder` of a student, or a cn_clip ``CLIP`` module.
         out_path: The fp32 ``.onnx`` file.
         quantize: ``True``: also write int8; ``False``: fp32 only; ``None`` (default): write
             int8 and keep it only when its measured cost is within ``int8_max_p10_drop``

@@ -39,6 +39,7 @@ from .models import (ModelLoadError, build_model, cnclip_state_dict, encode_imag
                      load_student, load_weights, model_info)
 from .teacher_cache import (LMDBImages, TeacherFeatureCache, ViewAugment,  # noqa: F401 - re-exported
                             build_teacher_cache, epoch_views)
+from .tokenizer import preprocess_text
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +191,6 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
-def _preprocess_text(text: str) -> str:
-    # What cn_clip's LMDBDataset does before tokenising (Chinese BERT vocab is lower-case).
-    return text.lower().replace("“", '"').replace("”", '"')
-
-
 class LMDBPairs(Dataset):
     """Image–text pairs from a cn_clip LMDB folder (``imgs`` + ``pairs``), as cn_clip's LMDBDataset reads them.
 
@@ -260,7 +256,7 @@ class LMDBPairs(Dataset):
         if self.augment is not None:
             img = self.augment(img)
         item = {"index": index, "image_id": image_id, "view": view, "image": self.transform(img),
-                "text": tokenize([_preprocess_text(text)], context_length=self.context_length)[0]}
+                "text": tokenize([preprocess_text(text)], context_length=self.context_length)[0]}
         if self.teacher_transform is not None:
             item["teacher_image"] = self.teacher_transform(img)
         size = sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))
@@ -644,7 +640,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             # Ours: enough to rebuild the model and continue exactly.
             "model_info": info, "vision_model": cfg.vision_model if not cfg.preset else f"preset:{cfg.preset}",
             "text_model": cfg.text_model if not cfg.preset else f"preset:{cfg.preset}",
-            "epoch_step": steps_in_epoch, "rng": _rng_state(),
+            "epoch_step": steps_in_epoch, "rng": _rng_state(), "context_length": cfg.context_length,
             "kd_state": module.kd.state_dict() if module.kd is not None else {},
             "kd_loss": cfg.kd_loss if cfg.distillation else None,
             "teacher": cfg.teacher_model_name if cfg.distillation else None,

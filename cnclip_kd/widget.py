@@ -1,7 +1,7 @@
 """Interactive query demo (notebook ``05_query_demo``): pick or upload a photo, see the Top-k.
 
 :class:`QueryDemo` wraps one or more saved indexes (one per model, written by
-notebook 03 / :func:`cnclip_kd.index.index_model`) in an ipywidgets panel:
+notebook 03 / :func:`cnclip_kd.evaluate.index_model`) in an ipywidgets panel:
 
 * the query is a gallery image (dropdown with a thumbnail) or an uploaded photo
   (``FileUpload``; files over the size limit and files that are not images are
@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .images import BadImageError, encode_jpeg, fit_max_side, load_image
-from .index import GalleryIndex, ImageEncoder, load_encoder
+from .encoders import ImageEncoder, load_encoder
+from .index import GalleryIndex
 from .viz import HIT_COLOR, MISS_COLOR, QUERY_COLOR, UNKNOWN_COLOR
 
 logger = logging.getLogger(__name__)

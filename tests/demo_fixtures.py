@@ -75,7 +75,8 @@ def train_tiny_checkpoint(data_dir: str | Path, out_dir: str | Path, name: str, 
 def build_saved_index(checkpoint: str | Path, data_dir: str | Path, index_dir: str | Path, *,
                       split: str = "test", kind: str = "flat") -> Path:
     """Embed ``split`` with ``checkpoint``, build, evaluate and save the index to ``index_dir``; returns it."""
-    from cnclip_kd.index import gallery_from_split, index_model
+    from cnclip_kd.evaluate import index_model
+    from cnclip_kd.gallery import gallery_from_split
 
     index_model(checkpoint, gallery_from_split(data_dir, split), index_dir, kind=kind,
                 cache_dir=Path(index_dir).parent / "_embeddings" / Path(index_dir).name)

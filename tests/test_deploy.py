@@ -17,7 +17,8 @@ from cnclip_kd.cli import main as cli_main
 from cnclip_kd.deploy import (ExportError, OnnxEncoder, Retriever, TorchEncoder, export_onnx, int8_path,
                               latency_markdown, load_query_image, make_encoder, measure_latency, to_pixels)
 from cnclip_kd.images import BadImageError, encode_jpeg, load_image
-from cnclip_kd.index import GalleryIndex, load_encoder
+from cnclip_kd.encoders import load_encoder
+from cnclip_kd.index import GalleryIndex
 from cnclip_kd.models import image_transform
 from demo_fixtures import build_saved_index
 

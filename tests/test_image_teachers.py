@@ -153,7 +153,8 @@ def test_timm_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_image_teacher_as_an_index_encoder():
-    from cnclip_kd.index import load_encoder, spec_name
+    from cnclip_kd.encoders import load_encoder
+    from cnclip_kd.evaluate import spec_name
 
     encoder = load_encoder("teacher:efficientnet-lite2", device="cpu")
     assert encoder.dim == 1280 and encoder.info["kind"] == "efficientnet"

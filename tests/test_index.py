@@ -15,9 +15,10 @@ from PIL import Image
 from cnclip_kd import viz
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.data import read_labels
-from cnclip_kd.index import (EXACT_MAX, Gallery, GalleryIndex, ImageEncoder, choose_index_kind, compare_models,
-                             discover_models, embed_gallery, evaluate_index, gallery_from_source, gallery_from_split,
-                             latest_checkpoint, load_encoder)
+from cnclip_kd.encoders import ImageEncoder, load_encoder
+from cnclip_kd.evaluate import compare_models, discover_models, evaluate_index, latest_checkpoint
+from cnclip_kd.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split
+from cnclip_kd.index import choose_index_kind, EXACT_MAX, GalleryIndex
 from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_agreement, neighbour_hits
 from cnclip_kd.models import ModelLoadError
 from demo_fixtures import build_saved_index
@@ -262,7 +263,7 @@ def test_gallery_from_split_reads_labels_and_lmdb(data_dir):
 
 
 def test_gallery_from_source_skips_broken_images(photo_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="cnclip_kd.index"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_kd.gallery"):
         gallery = gallery_from_source(photo_folder)
     assert len(gallery) == 20
     assert "broken.jpg" in caplog.text

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from cnclip_kd.deploy import OnnxEncoder, Retriever
-from cnclip_kd.index import GalleryIndex, gallery_from_split
+from cnclip_kd.gallery import gallery_from_split
+from cnclip_kd.index import GalleryIndex
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 

@@ -14,7 +14,8 @@ import pytest
 
 from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.images import load_image
-from cnclip_kd.index import GalleryIndex, load_encoder
+from cnclip_kd.encoders import load_encoder
+from cnclip_kd.index import GalleryIndex
 from cnclip_kd.widget import DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
 from demo_fixtures import DEMO_RUNS, build_saved_index, copy_output, demo_output, prepare_sample
 
