@@ -34,6 +34,8 @@ from _report import emit, mean_sd  # noqa: E402 - benchmarks/ is on sys.path whe
 logger = logging.getLogger("kd_demo")
 
 METRICS = ("p@10", "map@10")
+# What distilling the image tower costs the text side: text → image recall (exact pairs) and category P@10.
+TEXT_METRICS = ("t2i/r@1", "t2i/r@10", "t2i/mean", "t2i/cat-p@10")
 
 
 def main(argv=None) -> int:
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
             model, info = load_student(r["checkpoint"])
             valid = evaluate_lmdb(model, data_dir / "lmdb" / "valid", resolution=info["image_resolution"])
             rows.append({"seed": seed, "variant": r["kd_loss"] if r["kd_loss"] != "-" else "finetune",
-                         "test": {k: r[k] for k in (*METRICS, "teacher@10")},
+                         "test": {k: r[k] for k in (*METRICS, "teacher@10", *TEXT_METRICS)},
                          "valid": {k: valid[k] for k in METRICS}})
         logger.info("seed %d: %s (%.0f s)", seed, {r["variant"]: round(r["test"]["p@10"], 3)
                                                    for r in rows if r["seed"] == seed}, time.perf_counter() - t0)
@@ -89,11 +91,14 @@ def main(argv=None) -> int:
                        for split in ("test", "valid")}
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = ["| 模型 model | test P@10 | test mAP@10 | valid P@10 | valid mAP@10 | test teacher@10 |",
-             "|---|---:|---:|---:|---:|---:|",
+    lines = ["| 模型 model | test P@10 | test mAP@10 | valid P@10 | valid mAP@10 | test teacher@10 | "
+             "T→I R@1 | T→I R@10 | T→I mean | T→I cat P@10 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| 教师 teacher ({recipe['teacher_model_name']}) | {teacher['test']['p@10']:.3f} | "
-             f"{teacher['test']['map@10']:.3f} | {teacher['valid']['p@10']:.3f} | {teacher['valid']['map@10']:.3f} | - |"]
-    columns = [("test", k) for k in METRICS] + [("valid", k) for k in METRICS] + [("test", "teacher@10")]
+             f"{teacher['test']['map@10']:.3f} | {teacher['valid']['p@10']:.3f} | {teacher['valid']['map@10']:.3f} | - "
+             "| - | - | - | - |"]
+    columns = ([("test", k) for k in METRICS] + [("valid", k) for k in METRICS] + [("test", "teacher@10")]
+               + [("test", k) for k in TEXT_METRICS])
     for v in variants:
         label = "只微调 fine-tune, no KD" if v == "finetune" else f"+ KD {v}"
         cells = [mean_sd([r[split][k] for r in rows if r["variant"] == v]) for split, k in columns]
@@ -112,7 +117,13 @@ def main(argv=None) -> int:
         kd_mean = statistics.mean(s[default] for s in by_seed.values())
         ft_mean = statistics.mean(s["finetune"] for s in by_seed.values())
         sd = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
+        text_gaps = {k: [next(r["test"][k] for r in rows if r["seed"] == s and r["variant"] == default)
+                         - next(r["test"][k] for r in rows if r["seed"] == s and r["variant"] == "finetune")
+                         for s in by_seed] for k in ("t2i/mean", "t2i/cat-p@10")}
         summary = [
+            *(f"Text → image {k}, KD ({default}) minus fine-tune, same seeds: {[round(g, 3) for g in g_]}, "
+              f"mean {statistics.mean(g_):.3f}" + (f", sd {statistics.stdev(g_):.3f}." if len(g_) > 1 else ".")
+              for k, g_ in text_gaps.items()),
             f"Default KD ({default}) vs fine-tune, test P@10: gaps {[round(g, 3) for g in gaps]}, "
             f"mean {statistics.mean(gaps):.3f}, sd {sd:.3f}; mean gap - 3 sd = {statistics.mean(gaps) - 3 * sd:.3f}.",
             f"Agreement with the teacher (test teacher@10), KD minus fine-tune: gaps "

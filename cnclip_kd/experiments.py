@@ -18,6 +18,10 @@ from typing import Sequence
 
 import torch
 
+from .encoders import load_encoder, text_encoder_for
+from .evaluate import evaluate_text, text_columns
+from .gallery import embed_gallery, gallery_from_split
+from .index import GalleryIndex
 from .models import load_student
 from .train import TrainConfig, encode_split, evaluate_lmdb, split_metrics, train
 
@@ -80,16 +84,20 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         table_path: Write the table there as JSON (atomically).
 
     Returns:
-        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", "checkpoint"}``, in
-        run order. ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest neighbours that the
-        teacher also ranks in its 10 nearest — how much of the teacher's notion of similarity a student took.
+        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", <text columns>,
+        "checkpoint"}``, in run order. ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest
+        neighbours that the teacher also ranks in its 10 nearest — how much of the teacher's notion of similarity
+        a student took. The text columns (:data:`cnclip_kd.evaluate.TEXT_COLUMNS`: text → image and image → text
+        R@1/5/10 and mean, category-level text → image P@10; :func:`student_text_metrics`) show what distilling
+        the image tower cost the text side; ``None`` for the teacher row.
     """
     rows: list[dict] = []
 
     def add(model: str, kd_loss: str | None, metrics: dict, checkpoint: str | None) -> None:
+        text = student_text_metrics(checkpoint, eval_data, device=base.device) if checkpoint else text_columns(None)
         rows.append({"model": model, "kd_loss": kd_loss or "-", **{k: metrics[k] for k in
                      ("p@10", "map@10", "r@1", "r@5", "r@10")}, "teacher@10": metrics.get("teacher@10"),
-                     "checkpoint": checkpoint})
+                     **text, "checkpoint": checkpoint})
 
     reference = None
     if base.teacher_model_name:
@@ -121,11 +129,30 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
     return rows
 
 
+def student_text_metrics(checkpoint: str | os.PathLike, eval_data: str | os.PathLike, *,
+                         device: str | None = None) -> dict:
+    """Text ↔ image columns (:func:`cnclip_kd.evaluate.text_columns`) of a student on a prepared split.
+
+    The split's images are the gallery and its ``{split}_texts.jsonl`` the texts
+    (:func:`cnclip_kd.evaluate.evaluate_text`); the image embeddings are cached under the run's
+    ``eval/<split>`` folder.
+    """
+    lmdb_dir = Path(eval_data)
+    gallery = gallery_from_split(lmdb_dir.parent.parent, lmdb_dir.name)
+    encoder = load_encoder(checkpoint, device=device or "cpu")
+    cache = Path(checkpoint).parent.parent / "eval" / lmdb_dir.name
+    emb = embed_gallery(encoder, gallery, cache)
+    index = GalleryIndex.build(emb, gallery, kind="flat")
+    return text_columns(evaluate_text(index, text_encoder_for(encoder), cache_dir=cache))
+
+
 def table_markdown(rows: Sequence[dict]) -> str:
-    """The comparison rows as a Markdown table (metrics to 3 decimals; ``teacher@10``: agreement with the teacher)."""
-    keys = ("p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10")
-    head = ("| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|")
+    """The comparison rows as a Markdown table (metrics to 3 decimals; ``teacher@10``: agreement with the teacher;
+    ``T→I``: text → image R@1 / R@10 / mean recall and category-level P@10)."""
+    keys = ("p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", "t2i/r@1", "t2i/r@10", "t2i/mean", "t2i/cat-p@10")
+    head = ("| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 | 文搜图 T→I R@1 | T→I R@10 | "
+            "T→I mean | T→I 类目 cat P@10 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}"
                                                              for k in keys) + " |" for r in rows]
     return "\n".join([head, *body])

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Gallery", "embed_gallery", "gallery_from_source", "gallery_from_split"]
+__all__ = ["Gallery", "embed_gallery", "gallery_from_source", "gallery_from_split", "gallery_texts"]
 
 
 @dataclass(eq=False)
@@ -322,3 +322,35 @@ def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.Pat
     return emb
 
 
+
+
+def gallery_texts(gallery: Gallery) -> list[dict]:
+    """The texts paired with a gallery's images, in cn_clip's MUGE form: ``{"text_id", "text", "image_ids"}``.
+
+    A gallery read from a prepared split (:func:`gallery_from_split`) uses that split's
+    ``{split}_texts.jsonl`` (``image_ids`` cut to the gallery's images; texts with none left out);
+    any other gallery gets one text per image, its caption, with ``text_id`` = the image id.
+    """
+    ids = {int(i) for i in gallery.ids}
+    split = gallery.meta[0].get("split") if len(gallery) else None
+    if gallery.lmdb_dir is not None and split:
+        path = Path(gallery.lmdb_dir).parent.parent / f"{split}_texts.jsonl"
+        if path.is_file():
+            texts = []
+            with open(path, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                        image_ids = [int(i) for i in obj["image_ids"] if int(i) in ids]
+                        text_id, text = int(obj["text_id"]), str(obj["text"])
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise DataError(f"{path}:{n}: not a MUGE text line ({err}); expected "
+                                        '{"text_id": int, "text": str, "image_ids": [int, …]}') from None
+                    if image_ids:
+                        texts.append({"text_id": text_id, "text": text, "image_ids": image_ids})
+            return texts
+        logger.warning("%s is missing; using the gallery's captions as its texts", path)
+    return [{"text_id": int(i), "text": str(m.get("caption") or ""), "image_ids": [int(i)]}
+            for i, m in zip(gallery.ids, gallery.meta) if str(m.get("caption") or "").strip()]

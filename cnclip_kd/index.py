@@ -312,12 +312,14 @@ class GalleryIndex:
             out.append(hit)
         return out
 
-    def save(self, directory: str | os.PathLike, *, with_embeddings: bool = True) -> Path:
+    def save(self, directory: str | os.PathLike, *, with_embeddings: bool = True,
+             extra_files: Mapping[str, str] | None = None) -> Path:
         """Write the index as one folder, atomically (built beside it, then renamed into place).
 
         Files: ``index.faiss``, ``ids.npy``, ``gallery.json`` (the id → path, caption,
         label, product id table and where the images are), ``stats.json`` and
-        ``embeddings.npy``.
+        ``embeddings.npy``, plus ``extra_files`` (name → text, e.g. the text-retrieval
+        predictions of :func:`cnclip_kd.evaluate.index_model`), all in the same atomic swap.
 
         Raises:
             FileExistsError: ``directory`` exists, is not empty and is not a saved index.
@@ -339,6 +341,8 @@ class GalleryIndex:
                                                          ensure_ascii=False), encoding="utf-8")
             if with_embeddings and self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", np.asarray(self.embeddings, dtype=np.float32))
+            for fname, text in (extra_files or {}).items():
+                (tmp / Path(fname).name).write_text(text, encoding="utf-8")
             (tmp / "stats.json").write_text(json.dumps(self.stats, ensure_ascii=False, indent=1, default=str),
                                             encoding="utf-8")
             _swap_into_place(tmp, directory)

@@ -164,3 +164,26 @@ def neighbour_agreement(features: torch.Tensor, reference: torch.Tensor, *, k: i
     _, b = top_k(reference, reference, k, exclude_self=True)
     a, b = a.cpu().numpy(), b.cpu().numpy()
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+def recall_metrics(ranked: Sequence[Sequence], relevant: Sequence[set], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@k as cn_clip's MUGE evaluation computes it: the share of queries with a relevant item in their top k.
+
+    Args:
+        ranked: One ranked list of item ids per query, best first (``-1`` / ``None`` = no result).
+        relevant: The relevant ids of each query (e.g. a text's images in ``*_texts.jsonl``).
+        ks: Depths.
+
+    Returns:
+        ``{"r@1": …, "r@5": …, "r@10": …, "mean_recall": mean of those, "n_queries": Q}`` as fractions
+        (cn_clip prints the same numbers × 100). Queries with no relevant item are left out.
+    """
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} ranked lists but {len(relevant)} relevant sets")
+    keep = [i for i, rel in enumerate(relevant) if rel]
+    out: dict = {"n_queries": len(keep)}
+    for k in ks:
+        out[f"r@{k}"] = (float(np.mean([any(x in relevant[i] for x in list(ranked[i])[:k]) for i in keep]))
+                         if keep else 0.0)
+    out["mean_recall"] = float(np.mean([out[f"r@{k}"] for k in ks])) if ks else 0.0
+    return out
