@@ -46,6 +46,8 @@ __all__ = [
     "metrics_row",
     "saved_indexes",
     "spec_name",
+    "text_columns",
+    "text_eval_markdown",
     "write_comparison",
     "write_muge_predictions",
 ]
@@ -547,4 +549,19 @@ def index_markdown(index: GalleryIndex) -> str:
                   "|---|---:|" + "---:|" * len(keys)]
         lines += [f"| {g} | {m.get('n_queries')} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |"
                   for g, m in groups]
+    return "\n".join(lines)
+
+
+def text_eval_markdown(text_eval: Mapping[str, Any] | None) -> str:
+    """A :func:`evaluate_text` result as a Markdown table: text → image, image → text, category text → image."""
+    if not text_eval:
+        return "_没有文本评估 no text evaluation (the model has no text tower, or the gallery no texts)_"
+    rows = [("文搜图 text → image", text_eval.get("t2i")), ("图搜文 image → text", text_eval.get("i2t")),
+            ("文搜图·类目 text → image, same category", text_eval.get("t2i_category"))]
+    lines = ["| 方向 direction | 查询数 queries | R@1 | R@5 | R@10 | mean R | P@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {m.get('n_queries')} | {_fmt(m.get('r@1'))} | {_fmt(m.get('r@5'))} | {_fmt(m.get('r@10'))} "
+              f"| {_fmt(m.get('mean_recall'))} | {_fmt(m.get('p@10'))} |" for name, m in rows if m]
+    lines.append("")
+    lines.append(f"{text_eval.get('n_texts')} texts, {text_eval.get('n_images')} images, context length "
+                 f"{text_eval.get('context_length')}, {text_eval.get('truncated', 0)} texts cut at it.")
     return "\n".join(lines)

@@ -233,6 +233,49 @@ def _wrap_caption(text: str, max_units: float, max_lines: int = 2) -> str:
     return "\n".join(lines)
 
 
+def _wrap_words(text: str, max_units: float, max_lines: int) -> str:
+    """Like :func:`_wrap_caption`, but a Latin word or number moves to the next line whole when it fits there.
+
+    CJK characters may break anywhere (as in Chinese typesetting); a run of other
+    non-space characters is a word, cut only when it is longer than a line.
+    """
+    words, word = [], ""
+    for ch in " ".join(str(text).split()):
+        if ch == " " or _text_width(ch) == 1.0:
+            if word:
+                words.append(word)
+                word = ""
+            words.append(ch)
+        else:
+            word += ch
+    if word:
+        words.append(word)
+    lines, line, used = [], "", 0.0
+    for token in words:
+        width = sum(_text_width(ch) for ch in token)
+        if line and used + width > max_units and width <= max_units:
+            lines.append(line.rstrip())
+            line, used = "", 0.0
+            if token == " ":
+                continue
+        if width > max_units:  # longer than a line: character by character
+            for ch in token:
+                if line and used + _text_width(ch) > max_units:
+                    lines.append(line.rstrip())
+                    line, used = "", 0.0
+                line += ch
+                used += _text_width(ch)
+            continue
+        line += token
+        used += width
+    if line.strip():
+        lines.append(line.rstrip())
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:-1] + "…"
+    return "\n".join(lines)
+
+
 def _as_square_array(image: ImageLike, side: int) -> np.ndarray:
     """Load ``image`` and letterbox it on white to a ``side`` x ``side`` RGB array."""
     if isinstance(image, Image.Image):
@@ -281,7 +324,13 @@ def _draw_cells(
     side = max(64, int(round(cell_size * 128)))
     for cell in cells:
         ax = fig.add_subplot(grid[cell["row"], cell["col"]])
-        ax.imshow(_as_square_array(cell["image"], side))
+        if cell.get("text") is not None:
+            # A blank square keeps the cell the size and shape of a photo cell; the text sits on it.
+            ax.imshow(np.full((side, side, 3), 255, dtype=np.uint8))
+            ax.text(0.5, 0.5, cell["text"], transform=ax.transAxes, ha="center", va="center",
+                    fontsize=cell.get("fontsize", 12), linespacing=1.4, gid=cell.get("text_gid"))
+        else:
+            ax.imshow(_as_square_array(cell["image"], side))
         ax.set_xticks([])
         ax.set_yticks([])
         if cell.get("gid"):
@@ -574,14 +623,21 @@ def _hit_color(query_label: Any, label: Any) -> str:
     return HIT_COLOR if str(label) == str(query_label) else MISS_COLOR
 
 
+#: Font size (points) of a text query in the top-left cell of :func:`top10_figure`.
+QUERY_TEXT_FONTSIZE = 12
+# Lines of a text query shown before it is cut with "…" (a cell holds about this many at 12 pt).
+_QUERY_TEXT_LINES = 6
+
+
 def top10_figure(
-    query_image: ImageLike,
+    query_image: ImageLike | None,
     query_caption: str | None,
     results: Sequence[Mapping[str, Any]],
     *,
     title: str | None = None,
     query_label: str | None = None,
     cell_size: float = 2.0,
+    query_text: str | None = None,
 ) -> Figure:
     """The Top-10 layout: the query at the top left, Top-1 … Top-10 to its right in two rows of five.
 
@@ -589,22 +645,36 @@ def top10_figure(
     another, grey when either is unknown; above it "Top-i", its score and 同类/异类
     (same/other category), under it its caption (Chinese renders as characters).
 
+    The query is a photo (``query_image``) or a text (``query_text``, e.g. "白色连衣裙"):
+    a text query is written, wrapped and in the CJK font, on a blank cell of the
+    photo's size, so the results sit exactly where they sit for a photo. A text
+    has no category of its own, so unless ``query_label`` is given its hits are
+    framed grey.
+
+    Example::
+
+        top10_figure(None, None, index.results(scores[0], rows[0]), query_text="白色连衣裙")
+
     Args:
-        query_image: The query photo (PIL image, path or encoded bytes).
-        query_caption: Its caption, or ``None``.
+        query_image: The query photo (PIL image, path or encoded bytes), or ``None`` with ``query_text``.
+        query_caption: Its caption (under the query cell), or ``None``.
         results: Up to 10 hits, best first, each a dict with ``"image"`` (PIL image,
             path or bytes) and optionally ``"score"``, ``"caption"``, ``"label"``
             (e.g. :meth:`cnclip_kd.index.GalleryIndex.results`).
         title: Figure title (e.g. the model's name).
         query_label: The query's category; ``None`` frames every hit grey.
         cell_size: Width of one photo in inches.
+        query_text: A text query, shown in place of the photo (give ``query_image=None``).
 
     Returns:
         The figure: 11 (or fewer) image axes, ``gid`` ``"query"`` and ``"top-1"`` …
-        ``"top-10"``, and a legend under the grid.
+        ``"top-10"``, and a legend under the grid. A text query is the ``"query"``
+        axes' text artist with ``gid`` ``"query-text"`` (wrapped with newlines, cut with "…"
+        after six lines).
 
     Raises:
-        ValueError: More than 10 results, or a result without ``"image"``.
+        ValueError: More than 10 results, a result without ``"image"``, or not exactly one
+            of ``query_image`` and ``query_text`` (an empty text included).
     """
     results = list(results)
     if len(results) > 10:
@@ -612,10 +682,22 @@ def top10_figure(
     for i, hit in enumerate(results):
         if "image" not in hit or hit["image"] is None:
             raise ValueError(f"result {i + 1} has no 'image' (keys: {sorted(hit)})")
+    if (query_image is None) == (query_text is None):
+        raise ValueError("top10_figure needs exactly one query: query_image (a photo) or query_text (a text)")
+    if query_text is not None and not str(query_text).strip():
+        raise ValueError("query_text is empty: nothing to show as the query")
     max_units = cell_size * 72 / 8 * 0.95
-    query_sub = "查询 query" + (f" · {query_label}" if query_label else "")
-    cells = [{"row": 0, "col": 0, "image": query_image, "gid": "query", "frame": QUERY_COLOR,
-              "subtitle": query_sub, "caption": _wrap_caption(query_caption, max_units) if query_caption else None}]
+    query_sub = "查询 query" + (" · 文本 text" if query_text is not None else "") + (
+        f" · {query_label}" if query_label else "")
+    query_cell = {"row": 0, "col": 0, "image": query_image, "gid": "query", "frame": QUERY_COLOR,
+                  "subtitle": query_sub,
+                  "caption": _wrap_caption(query_caption, max_units) if query_caption else None}
+    if query_text is not None:
+        # CJK widths per line at the text's size, leaving a margin inside the frame.
+        text_units = cell_size * 72 / QUERY_TEXT_FONTSIZE * 0.85
+        query_cell.update(text=_wrap_words(query_text, text_units, max_lines=_QUERY_TEXT_LINES),
+                          text_gid="query-text", fontsize=QUERY_TEXT_FONTSIZE)
+    cells = [query_cell]
     for i, hit in enumerate(results):
         color = _hit_color(query_label, hit.get("label"))
         verdict = {HIT_COLOR: " 同类", MISS_COLOR: " 异类", UNKNOWN_COLOR: ""}[color]

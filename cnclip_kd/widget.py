@@ -1,11 +1,12 @@
-"""Interactive query demo (notebook ``05_query_demo``): pick or upload a photo, see the Top-k.
+"""Interactive query demo (notebook ``05_query_demo``): pick or upload a photo, or type a description; see the Top-k.
 
 :class:`QueryDemo` wraps one or more saved indexes (one per model, written by
 notebook 03 / :func:`cnclip_kd.evaluate.index_model`) in an ipywidgets panel:
 
-* the query is a gallery image (dropdown with a thumbnail) or an uploaded photo
+* the query is a gallery image (dropdown with a thumbnail), an uploaded photo
   (``FileUpload``; files over the size limit and files that are not images are
-  refused with a message in the panel, never a traceback);
+  refused with a message in the panel, never a traceback) or a text
+  ("白色连衣裙", typed in the text box; Enter or **Search** runs it);
 * the model and ``k`` are chosen in the panel; **Search** runs the query and
   fills a grid of thumbnails with rank, score, caption and a same / other
   category frame (when the query's category is known), plus the query time.
@@ -20,7 +21,12 @@ A gallery query searches with the embedding stored in the model's index (so it
 costs one index search) and leaves the query image itself out of its results;
 an uploaded photo is decoded with :func:`cnclip_kd.images.load_image` and
 encoded by the model's encoder, loaded on first use from the spec the index
-recorded (``stats["model"]["spec"]``).
+recorded (``stats["model"]["spec"]``). A text query is checked with
+:func:`cnclip_kd.tokenizer.check_query` and encoded by the same model's text
+tower (:func:`cnclip_kd.encoders.text_encoder_for`, sharing the loaded model);
+a model without one (an image-only teacher such as EfficientNet-Lite) says so
+in the status line, and the other models still answer text. A text has no
+category, so its hits are framed grey.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
+from .encoders import ImageEncoder, NoTextTowerError, TextEncoder, load_encoder, text_encoder_for
 from .images import BadImageError, encode_jpeg, fit_max_side, load_image
-from .encoders import ImageEncoder, load_encoder
 from .index import GalleryIndex
+from .tokenizer import QueryError, check_query
 from .viz import HIT_COLOR, MISS_COLOR, QUERY_COLOR, UNKNOWN_COLOR
 
 logger = logging.getLogger(__name__)
@@ -49,22 +56,26 @@ __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "QueryDemo"]
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2 ** 20
 #: Accepted by the upload button's file dialog (the check itself decodes the file).
 _ACCEPT = "image/*,.jpg,.jpeg,.png,.webp,.bmp,.gif,.tif,.tiff"
-_GALLERY, _UPLOAD = "gallery", "upload"
+_GALLERY, _UPLOAD, _TEXT = "gallery", "upload", "text"
+_TEXT_PLACEHOLDER = "输入商品描述 type a description, e.g. 白色连衣裙"
 _THUMB_CACHE = 512  # thumbnails kept in memory (a few KB each)
 
 # CSS classes on the widgets, for the browser test and for styling.
-CSS = {"root": "cnclip-demo", "search": "cnclip-search", "upload": "cnclip-upload", "grid": "cnclip-grid",
-       "hit": "cnclip-hit", "status": "cnclip-status", "time": "cnclip-time", "header": "cnclip-header"}
+CSS = {"root": "cnclip-demo", "search": "cnclip-search", "upload": "cnclip-upload", "text": "cnclip-text",
+       "grid": "cnclip-grid", "hit": "cnclip-hit", "status": "cnclip-status", "time": "cnclip-time",
+       "header": "cnclip-header"}
 
 
 class _Model:
-    """One model of the demo: its index and (lazily) its encoder."""
+    """One model of the demo: its index and (lazily) its image and text encoders."""
 
     def __init__(self, name: str, index: GalleryIndex, encoder: ImageEncoder | None = None,
                  device: str | None = None):
         self.name = name
         self.index = index
         self._encoder = encoder
+        self._text_encoder: TextEncoder | None = None
+        self._no_text: str | None = None  # why the model has no text tower, once found out
         self._device = device
         self.spec = (index.stats.get("model") or {}).get("spec")
         self._row_of = {int(i): r for r, i in enumerate(index.gallery.ids)}
@@ -76,11 +87,34 @@ class _Model:
         if self._encoder is None:
             if not self.spec:
                 raise ValueError(f"model {self.name}: its index records no model spec (stats['model']['spec']); "
-                                 "pass the encoder to QueryDemo to search with uploaded photos")
+                                 "pass the encoder to QueryDemo to search with uploaded photos or text")
             t0 = time.perf_counter()
             self._encoder = load_encoder(self.spec, device=self._device)
             logger.info("query demo: loaded %s (%s) in %.1f s", self.name, self.spec, time.perf_counter() - t0)
         return self._encoder
+
+    def text_encoder(self) -> TextEncoder:
+        """The model's text tower (the image encoder's model, loaded once).
+
+        Raises:
+            NoTextTowerError: The model has none (remembered: asked again, it raises at once).
+        """
+        if self._text_encoder is None:
+            if self._no_text is None and (self.index.stats.get("model") or {}).get("text_tower") is False \
+                    and self._encoder is None:
+                # Found out when the index was built: no need to load a (possibly large) model to say no.
+                self._no_text = (f"{self.spec or self.name}: the index records that this model has no text tower "
+                                 "(an image-only model); search it with images, or use a Chinese-CLIP model for text")
+            if self._no_text is not None:
+                raise NoTextTowerError(self._no_text)
+            try:
+                self._text_encoder = text_encoder_for(self.encoder())
+            except NoTextTowerError as err:
+                self._no_text = str(err)
+                raise
+            logger.info("query demo: %s text tower, context length %d", self.name,
+                        self._text_encoder.context_length)
+        return self._text_encoder
 
 
 def _thumbnail_bytes(img: Image.Image, side: int) -> bytes:
@@ -102,14 +136,15 @@ def _short(text: str, limit: int) -> str:
 
 
 class QueryDemo:
-    """Image-to-image search panel over one or more saved indexes.
+    """Image search panel (query by photo or by text) over one or more saved indexes.
 
     Example (in a notebook)::
 
         demo = QueryDemo.from_dirs({"distilled": "out/index/tiny-kd-cosine"})
-        demo.show()                      # pick / upload, choose model and k, click Search
+        demo.show()                      # pick / upload / type, choose model and k, click Search
         demo.select_query(7); demo.update()
         demo.results[0]                  # {"rank": 1, "id": …, "score": …, "caption": …, "label": …, …}
+        demo.search_text("白色连衣裙")     # the same as typing it and pressing Enter
 
     Attributes:
         models: Model names, in the order of the model dropdown.
@@ -119,8 +154,11 @@ class QueryDemo:
             refused upload or a failed search.
         last_query_ms: Encode + search time of the last search in milliseconds (``None`` before).
         timings: ``{"encode_ms", "search_ms", "total_ms"}`` of the last search.
-        query: The current query: ``source`` (``"gallery"`` / ``"upload"``), ``id``, ``label``,
-            ``caption``, ``name`` (or ``None`` when an upload was refused).
+        query: The current query: ``source`` (``"gallery"`` / ``"upload"`` / ``"text"``), ``id``,
+            ``label``, ``caption``, ``name``, and for a text ``text`` (as typed; a text has no
+            ``id``, ``label`` or ``caption``). ``None`` when an upload was refused.
+        truncated: Whether the last text query was longer than the model's context length
+            (its end was not seen); ``False`` for image queries.
         widget: The root widget (after :meth:`build`).
     """
 
@@ -166,6 +204,7 @@ class QueryDemo:
         self.results: list[dict] = []
         self.last_query_ms: float | None = None
         self.timings: dict[str, float] = {}
+        self.truncated = False
         self.widget = None
         self._built = False
 
@@ -207,7 +246,8 @@ class QueryDemo:
             return self
         import ipywidgets as w
 
-        self.source_picker = w.ToggleButtons(options=[("图库 gallery", _GALLERY), ("上传 upload", _UPLOAD)],
+        self.source_picker = w.ToggleButtons(options=[("图库 gallery", _GALLERY), ("上传 upload", _UPLOAD),
+                                                      ("文本 text", _TEXT)],
                                              value=_GALLERY, description="查询 query")
         self.query_picker = w.Dropdown(options=[(self._choice_label(r), r) for r in self._choice_rows()],
                                        description="图库 gallery", layout=w.Layout(width="420px"))
@@ -215,6 +255,11 @@ class QueryDemo:
                                      description=f"上传照片 upload (≤ {_size(self.max_upload_bytes)})",
                                      layout=w.Layout(width="260px"))
         self.uploader.add_class(CSS["upload"])
+        # continuous_update: every keystroke reaches the kernel, so typing selects the text source at once
+        # and Enter searches what was typed.
+        self.text_box = w.Text(value="", placeholder=_TEXT_PLACEHOLDER, description="文本 text",
+                               continuous_update=True, layout=w.Layout(width="420px"))
+        self.text_box.add_class(CSS["text"])
         self.model_picker = w.Dropdown(options=self.models, value=self.models[0], description="模型 model")
         self.k_picker = w.IntSlider(value=self._k0, min=1, max=self._max_k, description="k")
         self.search_button = w.Button(description="搜索 search", button_style="primary", icon="search")
@@ -235,10 +280,13 @@ class QueryDemo:
         self.source_picker.observe(lambda _change: self._refresh_preview(), names="value")
         self.query_picker.observe(self._on_pick, names="value")
         self.uploader.observe(self._on_upload, names="value")
+        self.text_box.observe(self._on_type, names="value")
+        # Enter arrives as the front end's "submit" message; Text.on_submit (the same thing) is deprecated.
+        self.text_box.on_msg(self._on_text_message)
         self.search_button.on_click(lambda _button: self.update())
 
-        controls = w.VBox([self.source_picker, self.query_picker, self.uploader, self.model_picker, self.k_picker,
-                           self.search_button])
+        controls = w.VBox([self.source_picker, self.query_picker, self.uploader, self.text_box, self.model_picker,
+                           self.k_picker, self.search_button])
         preview = w.VBox([self.query_image, self.query_text])
         self.widget = w.VBox([w.HBox([controls, preview]), self.status_html, self.time_html, self.header_html,
                               self.grid])
@@ -295,10 +343,42 @@ class QueryDemo:
         self.uploader.value = ({"name": name, "type": mime, "size": len(data), "content": memoryview(bytes(data)),
                                 "last_modified": dt.datetime.now(dt.timezone.utc)},)
 
+    def set_text(self, text: str) -> None:
+        """Make a text the query, as typing it in the text box does (nothing is searched yet).
+
+        Args:
+            text: The query as typed (checked only when searched: an empty one is refused then).
+
+        Raises:
+            TypeError: ``text`` is not a string (the box holds only text).
+        """
+        self.build()
+        if not isinstance(text, str):
+            raise TypeError(f"a text query must be a string, got {type(text).__name__}")
+        self.text_box.value = text
+        self.source_picker.value = _TEXT  # also when the box already held this text (no change event)
+        self._refresh_preview()
+
+    def search_text(self, text: str) -> list[dict]:
+        """Search with a text, as typing it and pressing Enter does: :meth:`set_text`, then :meth:`update`.
+
+        Never raises for a bad query (empty, whitespace, a model without a text tower): the status
+        line says why and the results are empty.
+
+        Returns:
+            :attr:`results`.
+        """
+        self.set_text(text)
+        return self.update()
+
     @property
     def query(self) -> dict | None:
         """The current query (see the class attributes)."""
         self.build()
+        if self.source_picker.value == _TEXT:
+            text = self.text_box.value
+            return {"source": _TEXT, "text": text, "id": None, "label": "", "caption": "",
+                    "name": f"“{_short(' '.join(text.split()), 40)}”"}
         if self.source_picker.value == _UPLOAD:
             if self._upload is None:
                 return None
@@ -308,6 +388,23 @@ class QueryDemo:
         return {"source": _GALLERY, "id": int(meta["id"]), "row": int(row), "label": meta.get("label") or "",
                 "caption": meta.get("caption") or "", "name": f"id {meta['id']}"}
 
+    def results_markdown(self) -> str:
+        """The last search's results as a Markdown table (for a notebook's ``display(Markdown(...))``).
+
+        Columns: rank, id, score, same category (✓ / ✗, blank when the query has no category,
+        e.g. a text), category, caption.
+        """
+        mark = {True: "✓", False: "✗", None: ""}
+
+        def cell(value: Any) -> str:
+            # A "|" in a caption would end the cell; a newline the row.
+            return " ".join(str(value).split()).replace("|", "\\|")
+
+        lines = ["| # | id | 得分 score | 同类 same | 类目 label | 标题 caption |", "|---:|---:|---:|:---:|---|---|"]
+        lines += [f"| {r['rank']} | {r['id']} | {r['score']:.3f} | {mark[r['same_category']]} | {cell(r['label'])} | "
+                  f"{cell(r['caption'])} |" for r in self.results]
+        return "\n".join(lines)
+
     @property
     def status(self) -> str:
         """The status line's text (what the last action did, or why it was refused)."""
@@ -316,6 +413,17 @@ class QueryDemo:
     def _on_pick(self, change: Mapping[str, Any]) -> None:
         self.source_picker.value = _GALLERY
         self._refresh_preview()
+
+    def _on_type(self, change: Mapping[str, Any]) -> None:
+        if self.source_picker.value != _TEXT:
+            self.source_picker.value = _TEXT  # its observer refreshes the preview
+        else:
+            self._refresh_preview()
+
+    def _on_text_message(self, _widget: Any, content: Mapping[str, Any], _buffers: Any) -> None:
+        if isinstance(content, Mapping) and content.get("event") == "submit":
+            self.source_picker.value = _TEXT
+            self.update()
 
     def _on_upload(self, change: Mapping[str, Any]) -> None:
         files = change.get("new") or ()
@@ -359,10 +467,11 @@ class QueryDemo:
     # ------------------------------------------------------------------ search
 
     def update(self) -> list[dict]:
-        """Run the current query with the selected model and ``k``; fill the result grid.
+        """Run the current query (gallery image, upload or text) with the selected model and ``k``; fill the grid.
 
-        Never raises for a bad query: what went wrong is shown in the status line
-        (and :attr:`status`), and :attr:`results` is empty.
+        Never raises for a bad query (a refused upload, an empty or whitespace text, a text
+        for a model without a text tower): what went wrong is shown in the status line (and
+        :attr:`status`), and :attr:`results` is empty.
 
         Returns:
             :attr:`results`.
@@ -371,15 +480,27 @@ class QueryDemo:
         query = self.query
         model = self._models[self.model_picker.value]
         k = int(self.k_picker.value)
+        self.truncated = False
         if query is None:
             self._clear_results()
             self._set_status("请先上传一张照片 upload a photo first (or pick a gallery image)", "error")
             return self.results
-        # Shown while it runs: the first upload search with a model loads the model (seconds).
+        if query["source"] == _TEXT:
+            try:
+                query["text"] = check_query(query["text"])
+            except QueryError as err:
+                self._clear_results()
+                self._set_status(f"文本查询无效 invalid text query: {err}", "error")
+                return self.results
+        # Shown while it runs: the first upload or text search with a model loads the model (seconds).
         self._set_status(f"搜索中 searching with {model.name} …", "info")
         self.search_button.disabled = True
         try:
             self._search(model, query, k)
+        except NoTextTowerError as err:
+            logger.info("query demo: %s has no text tower: %s", model.name, err)
+            self._clear_results()
+            self._set_status(f"{model.name}: 该模型没有文本编码器，不能用文本搜索 · {err}", "error")
         except Exception as err:  # noqa: BLE001 — UI boundary: a message in the panel, the traceback in the log
             logger.exception("query demo: search failed")
             self._clear_results()
@@ -390,6 +511,12 @@ class QueryDemo:
 
     def _query_vector(self, model: _Model, query: dict) -> tuple[np.ndarray, int | None, float]:
         """(embedding [1, D], gallery id to exclude, encode ms)."""
+        if query["source"] == _TEXT:
+            text_encoder = model.text_encoder()  # loaded once, outside the timed part
+            self.truncated = text_encoder.truncated(query["text"])
+            t0 = time.perf_counter()
+            vector = text_encoder.encode([query["text"]])
+            return vector, None, (time.perf_counter() - t0) * 1000
         if query["source"] == _GALLERY:
             own = model.row_of(query["id"])
             if own is not None and model.index.embeddings is not None:
@@ -428,7 +555,12 @@ class QueryDemo:
                                 f"{model.index.stats.get('kind', '?')} index, N = {len(model.index)})")
         same = sum(bool(r["same_category"]) for r in results)
         verdict = f"; 同类 same category {same}/{len(results)}" if query_label else ""
-        self._set_status(f"{model.name}: {len(results)} 个结果 results for {query['name']}{verdict}", "ok")
+        what = f"文本 text {query['name']}" if query["source"] == _TEXT else query["name"]
+        cut = ""
+        if self.truncated:
+            length = model.text_encoder().context_length
+            cut = f"; 查询过长，已截断 truncated to {length} tokens"
+        self._set_status(f"{model.name}: {len(results)} 个结果 results for {what}{verdict}{cut}", "ok")
 
     # ------------------------------------------------------------------ rendering
 
@@ -449,9 +581,16 @@ class QueryDemo:
         if not self._built:
             return
         query = self.query
+        # A text query has no picture: the image is hidden rather than shown empty.
+        self.query_image.layout.display = "none" if query is not None and query["source"] == _TEXT else None
         if query is None:
             self.query_image.value = b""
             self.query_text.value = "<i>还没有可用的上传 no usable upload yet</i>"
+            return
+        if query["source"] == _TEXT:
+            text = " ".join(query["text"].split())
+            self.query_text.value = (f"<b>查询 query</b> 文本 text<br>{html.escape(_short(text, 120))}" if text
+                                     else f"<i>{html.escape(_TEXT_PLACEHOLDER)}</i>")
             return
         try:
             if query["source"] == _GALLERY:
@@ -497,10 +636,15 @@ class QueryDemo:
             cells.append(cell)
         self.grid.children = tuple(cells)
         label = f" · {html.escape(query['label'])}" if query["label"] else ""
+        if query["label"]:
+            legend = " · 绿框 同类目 green: same category · 红框 其他类目 red: other"
+        elif query["source"] == _TEXT:
+            legend = " · 灰框：文本查询没有类目 grey: a text query has no category"
+        else:
+            legend = ""
+        kind = "文本 text " if query["source"] == _TEXT else ""
         self.header_html.value = (f"<b>Top-{len(self.results)}</b> · 模型 model <b>{html.escape(model.name)}</b> · "
-                                  f"查询 query {html.escape(query['name'])}{label}"
-                                  + (" · 绿框 同类目 green: same category · 红框 其他类目 red: other"
-                                     if query["label"] else ""))
+                                  f"查询 query {kind}{html.escape(query['name'])}{label}{legend}")
 
     def _set_status(self, text: str, level: str) -> None:
         self._status = (text, level)

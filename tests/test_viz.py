@@ -381,3 +381,78 @@ def test_save_figure_replaces_existing_and_follows_suffix(tmp_path):
     svg = viz.save_figure(_small_fig(), tmp_path / "fig.svg")
     assert b"<svg" in svg.read_bytes()[:500]
     assert sorted(os.listdir(tmp_path)) == ["fig.png", "fig.svg"]
+
+
+# ---------------------------------------------------------------- top-10 with a text query
+
+
+def _hits(records, n=10):
+    return [{"image": str(SAMPLE_DATA / r["image"]), "caption": r["text"], "label": r["label"],
+             "score": 0.9 - i / 100} for i, r in enumerate(records[::13][:n])]
+
+
+def _query_text(fig) -> str:
+    (artist,) = [t for t in fig.axes[0].texts if t.get_gid() == "query-text"]
+    return artist.get_text()
+
+
+def test_top10_figure_shows_a_text_query_in_the_first_cell(records):
+    hits = _hits(records)
+    text = "白色连衣裙 长袖雪纺 women's white chiffon dress 2024"
+    fig = viz.top10_figure(None, None, hits, query_text=text, title="模型 A")
+    photo = viz.top10_figure(hits[0]["image"], None, hits, title="模型 A")
+
+    assert [ax.get_gid() for ax in fig.axes] == ["query"] + [f"top-{i}" for i in range(1, 11)]
+    query = fig.axes[0]
+    shown = _query_text(fig)
+    assert "".join(shown.split()) == "".join(text.split())  # all of it, wrapped at spaces or between characters
+    assert "women's" in shown.split("\n")[1] or "women's" in shown.split("\n")[2]  # a Latin word is not split
+    assert len(shown.split("\n")) > 1 and not shown.endswith("…")
+    assert query.texts[0].get_fontname() == viz.setup_cjk_font()  # the CJK font: characters, not boxes
+    assert _missing_glyph_warnings(fig) == []
+    # A blank photo-sized cell in the query's blue frame, labelled as a text query.
+    arr = query.get_images()[0].get_array()
+    assert arr.shape[0] == arr.shape[1] and (np.asarray(arr) == 255).all()
+    assert to_rgba(query.spines["top"].get_edgecolor()) == to_rgba(viz.QUERY_COLOR)
+    assert query.get_title() == "查询 query · 文本 text" and query.get_xlabel() == ""
+
+    # Results laid out as for a photo query: same grid cells, same places on the page.
+    def spans(f):
+        return [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in f.axes]
+
+    assert spans(fig) == spans(photo) == [(0, 0)] + [(r, c) for r in (0, 1) for c in range(1, 6)]
+    fig.draw_without_rendering()
+    photo.draw_without_rendering()
+    np.testing.assert_allclose([ax.get_position().bounds for ax in fig.axes],
+                               [ax.get_position().bounds for ax in photo.axes], atol=1e-3)
+    # No query category: every hit grey, no same/other verdict.
+    for i, ax in enumerate(fig.axes[1:]):
+        assert to_rgba(ax.spines["top"].get_edgecolor()) == to_rgba(viz.UNKNOWN_COLOR)
+        assert ax.get_title() == f"Top-{i + 1}  {hits[i]['score']:.3f}"
+        assert ax.get_xlabel() == hits[i]["caption"]
+
+
+def test_top10_figure_text_query_with_a_label_and_long_text(records, tmp_path):
+    hits = _hits(records, 4)
+    fig = viz.top10_figure(None, None, hits, query_text="连衣裙", query_label=hits[0]["label"])
+    colours = [to_rgba(ax.spines["top"].get_edgecolor()) for ax in fig.axes[1:]]
+    assert colours == [to_rgba(viz.HIT_COLOR if h["label"] == hits[0]["label"] else viz.MISS_COLOR) for h in hits]
+    assert len(fig.axes) == 5 and fig.axes[0].get_title() == f"查询 query · 文本 text · {hits[0]['label']}"
+
+    long = "夏季新款女装白色长袖雪纺连衣裙" * 10
+    fig = viz.top10_figure(None, None, hits, query_text=long)
+    shown = _query_text(fig)
+    assert len(shown.split("\n")) == 6 and shown.endswith("…")
+    assert long.startswith(shown.replace("\n", "").rstrip("…"))
+    with Image.open(viz.save_figure(fig, tmp_path / "text.png")) as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1]
+
+
+def test_top10_figure_needs_exactly_one_query(records):
+    hits = _hits(records, 2)
+    with pytest.raises(ValueError, match="exactly one query"):
+        viz.top10_figure(None, None, hits)
+    with pytest.raises(ValueError, match="exactly one query"):
+        viz.top10_figure(hits[0]["image"], None, hits, query_text="连衣裙")
+    with pytest.raises(ValueError, match="query_text is empty"):
+        viz.top10_figure(None, None, hits, query_text=" \n ")

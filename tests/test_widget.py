@@ -1,7 +1,9 @@
 """The query demo (cnclip_kd.widget.QueryDemo) driven from Python, and notebook 05 headless.
 
 Two tiny trained students (demo_fixtures.demo_output) are indexed over the
-prepared sample's test split (120 images, 10 categories) once per module.
+prepared sample's test split (120 images, 10 categories) once per module; an
+image-only teacher (timm's tiny ``test_convnext``, random weights in a local
+file) is indexed too where a test needs a model without a text tower.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import numpy as np
 import pytest
 
 from cnclip_kd import SAMPLE_DATA
+from cnclip_kd import widget as widget_module
+from cnclip_kd.encoders import load_encoder, text_encoder_for
+from cnclip_kd.evaluate import index_model
+from cnclip_kd.gallery import gallery_from_split
 from cnclip_kd.images import load_image
-from cnclip_kd.encoders import load_encoder
 from cnclip_kd.index import GalleryIndex
-from cnclip_kd.widget import DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
+from cnclip_kd.widget import CSS, DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
 from demo_fixtures import DEMO_RUNS, build_saved_index, copy_output, demo_output, prepare_sample
 
 MODELS = list(DEMO_RUNS)  # ["tiny-finetune", "tiny-kd-cosine"]
@@ -47,8 +52,38 @@ def demo(output_dir) -> QueryDemo:
     return QueryDemo.from_dirs({name: output_dir / "index" / name for name in MODELS}, k=10).build()
 
 
+@pytest.fixture(scope="module")
+def image_only_index(tmp_path_factory, data_dir) -> Path:
+    """A saved index of an image-only teacher: timm's tiny ``test_convnext`` (random weights in a file), ~4 s."""
+    import timm
+    import torch
+
+    root = tmp_path_factory.mktemp("image-only")
+    weights = root / "test_convnext.pth"
+    torch.save(timm.create_model("test_convnext", pretrained=False).state_dict(), weights)
+    index_model(f"teacher:timm:test_convnext={weights}", gallery_from_split(data_dir, "test"), root / "index",
+                kind="flat", device="cpu")
+    return root / "index"
+
+
 def _expected(index: GalleryIndex, row: int, k: int) -> tuple[list[int], np.ndarray]:
     scores, rows = index.search(index.embeddings[row][None], k, exclude_ids=[int(index.gallery.ids[row])])
+    return [int(index.gallery.ids[r]) for r in rows[0]], scores[0]
+
+
+_TEXT_ENCODERS: dict = {}
+
+
+def _text_encoder(index: GalleryIndex):
+    """The text tower of the model an index was built with, loaded independently of the demo."""
+    spec = index.stats["model"]["spec"]
+    if spec not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[spec] = text_encoder_for(load_encoder(spec, device="cpu"))
+    return _TEXT_ENCODERS[spec]
+
+
+def _text_expected(index: GalleryIndex, text: str, k: int) -> tuple[list[int], np.ndarray]:
+    scores, rows = index.search(_text_encoder(index).encode([text]), k)
     return [int(index.gallery.ids[r]) for r in rows[0]], scores[0]
 
 
@@ -181,6 +216,134 @@ def test_bad_upload_is_refused_in_the_panel(demo, data, name, message):
     assert len(demo.update()) == 10
 
 
+# --------------------------------------------------------------------------- text queries
+
+
+def test_text_query_fills_the_grid_with_the_text_towers_top_k(demo, indexes):
+    index = indexes[MODELS[0]]
+    demo.k_picker.value = 7
+    assert demo.source_picker.value == "gallery"
+    assert "文本 text" in [label for label, _ in demo.source_picker.options]
+    assert "白色连衣裙" in demo.text_box.placeholder and CSS["text"] in demo.text_box._dom_classes
+    demo.text_box.value = "白色连衣裙"  # typing in the box selects the text source
+    assert demo.source_picker.value == "text"
+    assert demo.query == {"source": "text", "text": "白色连衣裙", "id": None, "label": "", "caption": "",
+                          "name": "“白色连衣裙”"}
+    assert "白色连衣裙" in demo.query_text.value and demo.query_image.layout.display == "none"
+    assert demo.results == []  # typing alone does not search
+    demo.search_button.click()
+
+    ids, scores = _text_expected(index, "白色连衣裙", 7)
+    assert [r["id"] for r in demo.results] == ids and len(set(ids)) == 7
+    np.testing.assert_allclose([r["score"] for r in demo.results], scores, rtol=1e-5, atol=1e-6)
+    got = [r["score"] for r in demo.results]
+    assert got == sorted(got, reverse=True) and [r["rank"] for r in demo.results] == list(range(1, 8))
+    for r in demo.results:
+        meta = index.gallery.meta[r["row"]]
+        assert (r["id"], r["caption"], r["label"]) == (meta["id"], meta["caption"], meta["label"])
+        assert r["same_category"] is None  # a text has no category: grey frames, no verdict
+    thumbs = _grid_thumbnails(demo)
+    assert len(thumbs) == 7 and all(t[:2] == b"\xff\xd8" for t in thumbs)
+    assert demo.status == f"{MODELS[0]}: 7 个结果 results for 文本 text “白色连衣裙”"
+    assert demo.truncated is False and "截断" not in demo.status
+    assert demo.timings["encode_ms"] > 0 and f"{demo.last_query_ms:.1f} ms" in demo.time_html.value
+    assert "白色连衣裙" in demo.header_html.value and "grey" in demo.header_html.value
+
+    # Enter in the box: the front end's "submit" message runs the search.
+    demo.k_picker.value = 3
+    demo.text_box._handle_custom_msg({"event": "submit"}, [])
+    assert [r["id"] for r in demo.results] == ids[:3] and len(demo.grid.children) == 3
+
+    # The other model answers with its own text tower and index.
+    demo.model_picker.value = MODELS[1]
+    assert [r["id"] for r in demo.search_text("白色连衣裙")] == _text_expected(indexes[MODELS[1]], "白色连衣裙", 3)[0]
+    assert demo.status.startswith(f"{MODELS[1]}: 3 ")
+
+    # Picking a gallery image goes back to image search; the typed text stays in the box.
+    demo.select_query(2)
+    assert demo.query["source"] == "gallery" and demo.text_box.value == "白色连衣裙"
+    assert [r["id"] for r in demo.update()] == _expected(indexes[MODELS[1]], 2, 3)[0]
+    assert demo.query_image.layout.display != "none"
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t\n\u3000 "], ids=["empty", "spaces", "mixed-whitespace"])
+def test_empty_text_query_is_refused_in_the_panel(demo, text):
+    demo.select_query(2)
+    assert len(demo.update()) == 10
+    assert demo.search_text(text) == []  # must not raise
+    assert demo.status.startswith("文本查询无效 invalid text query: empty text query")
+    assert "invalid text query" in demo.status_html.value
+    assert demo.grid.children == () and demo.header_html.value == ""  # no stale results under the message
+    assert len(demo.search_text("连衣裙")) == 10  # and a real text works again
+
+
+def test_long_text_query_is_searched_and_reported_cut(demo, indexes):
+    index = indexes[MODELS[0]]
+    length = _text_encoder(index).context_length
+    text = "白色长袖雪纺连衣裙" * 10  # 90 characters: far more word pieces than the context holds
+    assert _text_encoder(index).truncated(text)
+    demo.k_picker.value = 5
+    results = demo.search_text(text)
+    assert [r["id"] for r in results] == _text_expected(index, text, 5)[0]
+    assert demo.truncated is True
+    assert demo.status.endswith(f"; 查询过长，已截断 truncated to {length} tokens")
+    assert demo.status.startswith(f"{MODELS[0]}: 5 个结果 results for 文本 text “白色长袖")
+    demo.search_text("连衣裙")
+    assert demo.truncated is False and "truncated" not in demo.status
+
+
+@pytest.mark.parametrize("text", ["👗✨", "white dress", "2024 36码", "Nike 运动鞋 42码 👟 ok!"],
+                         ids=["emoji", "latin", "digits", "mixed"])
+def test_any_script_is_a_text_query(demo, indexes, text):
+    demo.k_picker.value = 4
+    results = demo.search_text(text)
+    assert [r["id"] for r in results] == _text_expected(indexes[MODELS[0]], text, 4)[0]
+    assert demo.status.startswith(f"{MODELS[0]}: 4 ") and len(demo.grid.children) == 4
+    assert demo.query["text"] == text
+
+
+def test_model_without_a_text_tower_says_so_and_the_others_still_work(output_dir, image_only_index, monkeypatch):
+    saved = GalleryIndex.load(image_only_index)
+    spec = saved.stats["model"]["spec"]
+    assert spec.startswith("teacher:timm:test_convnext=")
+    # As an index built before text towers were recorded: the model is loaded to find out.
+    model = {k: v for k, v in saved.stats["model"].items() if k != "text_tower"}
+    unrecorded = GalleryIndex(saved.index, saved.gallery, {**saved.stats, "model": model}, saved.embeddings)
+    demo = QueryDemo({"image-only": unrecorded, MODELS[0]: GalleryIndex.load(output_dir / "index" / MODELS[0])},
+                     k=5).build()
+    demo.select_query(1)
+    assert len(demo.update()) == 5
+    assert demo.search_text("连衣裙") == []  # must not raise
+    assert demo.status.startswith("image-only: ") and "no text tower" in demo.status and spec in demo.status
+    assert demo.grid.children == ()
+    assert demo.search_text("连衣裙") == [] and "no text tower" in demo.status  # remembered, asked again
+    demo.model_picker.value = MODELS[0]
+    assert len(demo.update()) == 5 and demo.status.startswith(f"{MODELS[0]}: 5 ")
+    demo.model_picker.value = "image-only"
+    demo.select_query(1)
+    assert len(demo.update()) == 5  # the image-only model still searches with images
+
+    # An index that records "no text tower" answers at once, without loading the model.
+    recorded = GalleryIndex(saved.index, saved.gallery,
+                            {**saved.stats, "model": {**model, "text_tower": False}}, saved.embeddings)
+    monkeypatch.setattr(widget_module, "load_encoder", lambda *a, **kw: pytest.fail("the model was loaded"))
+    quick = QueryDemo({"image-only": recorded}, k=5).build()
+    assert quick.search_text("连衣裙") == []
+    assert quick.status.startswith("image-only: ") and "no text tower" in quick.status and spec in quick.status
+
+
+def test_set_text_is_typed_not_searched(demo):
+    demo.select_query(0)
+    demo.update()
+    demo.set_text("连衣裙")
+    assert demo.query["source"] == "text" and len(demo.results) == 10  # nothing searched yet
+    demo.select_query(0)
+    demo.set_text("连衣裙")  # the same text again still selects the text source
+    assert demo.query["source"] == "text"
+    with pytest.raises(TypeError, match="must be a string"):
+        demo.set_text(None)
+
+
 def test_upload_limit_is_configurable(output_dir):
     demo = QueryDemo.from_dirs({"m": output_dir / "index" / MODELS[0]}, max_upload_bytes=1000, k=3).build()
     demo.upload(PHOTO.read_bytes(), name="p.jpg")
@@ -203,7 +366,7 @@ def test_constructor_errors(tmp_path):
 @pytest.mark.slow
 def test_notebook_05_on_saved_indexes(notebook_runner, output_dir, indexes):
     rec = notebook_runner("05_query_demo.ipynb", {"OUTPUT_DIR": str(output_dir), "K": 5, "QUERY": 4,
-                                                   "UPLOAD": str(PHOTO)})
+                                                   "UPLOAD": str(PHOTO), "TEXT_QUERY": "白色连衣裙"})
     assert rec["models"] == MODELS and rec["k"] == 5
     first = indexes[MODELS[0]]
     assert rec["query_row"] == 4 and rec["query_id"] == int(first.gallery.ids[4])
@@ -216,6 +379,15 @@ def test_notebook_05_on_saved_indexes(notebook_runner, output_dir, indexes):
     up = rec["upload"]
     assert up["name"] == PHOTO.name and up["n_results"] == 5 and len(set(up["ids"])) == 5
     assert up["scores"] == sorted(up["scores"], reverse=True) and up["query_ms"] > 0
+    # The text example: the first model's text tower, searched in its index.
+    text = rec["text"]
+    assert text["text"] == "白色连衣裙" and text["model"] == MODELS[0]
+    assert text["n_results"] == text["grid_items"] == 5 and text["truncated"] is False
+    ids, scores = _text_expected(first, "白色连衣裙", 5)
+    assert text["ids"] == ids
+    np.testing.assert_allclose(text["scores"], scores, rtol=1e-5, atol=1e-6)
+    assert text["labels"] == [first.gallery.meta[first.gallery.row_of(i)]["label"] for i in ids]
+    assert text["status"] == f"{MODELS[0]}: 5 个结果 results for 文本 text “白色连衣裙”" and text["query_ms"] > 0
 
 
 @pytest.mark.notebook
@@ -223,8 +395,8 @@ def test_notebook_05_on_saved_indexes(notebook_runner, output_dir, indexes):
 def test_notebook_05_builds_missing_indexes(notebook_runner, tmp_path_factory, tmp_path, data_dir):
     out = copy_output(demo_output(tmp_path_factory), tmp_path / "out")  # runs/ only, no index/
     rec = notebook_runner("05_query_demo.ipynb", {"OUTPUT_DIR": str(out), "DATA_DIR": str(data_dir), "K": 3,
-                                                   "MODELS": [MODELS[1]]})
-    assert rec["models"] == [MODELS[1]] and rec["n_results"] == 3 and rec["upload"] == {}
+                                                   "MODELS": [MODELS[1]], "TEXT_QUERY": ""})
+    assert rec["models"] == [MODELS[1]] and rec["n_results"] == 3 and rec["upload"] == {} and rec["text"] == {}
     built = GalleryIndex.load(out / "index" / MODELS[1])
     assert len(built) == 120 and rec["result_ids"] == _expected(built, 0, 3)[0]
 

@@ -4,7 +4,9 @@ The test starts JupyterLab on 127.0.0.1 (free port, token, throw-away
 JUPYTER_* dirs) in a temp dir holding a copy of notebook 05 parametrised to
 read a prepared index, opens it in headless Chromium, runs all cells, uploads
 a photo through the file chooser, clicks Search and checks that the grid shows
-k thumbnails; then uploads a text file and checks the message. Screenshots
+k thumbnails; then uploads a text file and checks the message; then types a
+description in the text box, clicks Search and checks the k results of the text
+query, and presses Enter on a blank text and checks the message. Screenshots
 stay in the test's tmp dir (``panel.png``, ``page.png``); set
 ``CNCLIP_KD_SCREENSHOT=/some/file.png`` to get a copy of the panel's.
 
@@ -231,6 +233,23 @@ def _drive(page, lab: _Lab, bad: Path, tmp_path: Path) -> None:
         page.locator(".cnclip-demo .cnclip-upload").first.click()
     chooser.value.set_files(str(bad))
     expect(status).to_contain_text("notes.txt: 不是可用的图片 not a usable image", timeout=PAGE_MS)
+    expect(hits).to_have_count(0)
+
+    # A text query: typing selects the text source; Search encodes it with the model's text tower.
+    # (The notebook's own example searched "连衣裙"; this text differs, so the status shows the new search.)
+    text_box = page.locator(".cnclip-demo .cnclip-text input").first
+    text_box.fill("白色连衣裙")
+    page.locator(".cnclip-demo .cnclip-search").first.click()
+    expect(status).to_contain_text(f"{MODEL}: {K} 个结果 results for 文本 text “白色连衣裙”", timeout=PAGE_MS)
+    expect(hits).to_have_count(K)
+    expect(page.locator(".cnclip-demo .cnclip-header").first).to_contain_text("白色连衣裙")
+    widths = hits.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == K and min(widths) > 0, widths
+    panel.screenshot(path=str(tmp_path / "panel-text.png"))
+    # Enter in the box searches as well: a blank text gets a message and no results.
+    text_box.fill("   ")
+    text_box.press("Enter")
+    expect(status).to_contain_text("文本查询无效 invalid text query", timeout=PAGE_MS)
     expect(hits).to_have_count(0)
     tracebacks = page.locator(".jp-OutputArea-output", has_text="Traceback")
     assert tracebacks.count() == 0, tracebacks.all_inner_texts()
