@@ -65,6 +65,12 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
     assert kd["p@10"] >= finetune["p@10"], (f"KD student P@10 {kd['p@10']:.3f} is below fine-tune-only "
                                             f"{finetune['p@10']:.3f}: distillation stopped helping")
     assert rows[0]["teacher@10"] is None and all(0.0 <= r["teacher@10"] <= 1.0 for r in rows[1:])
+    # What distilling the image tower costs the text side: text ↔ image columns for every student, none for
+    # the image-only teacher.
+    assert all(rows[0][k] is None for k in ("t2i/r@1", "t2i/mean", "t2i/cat-p@10"))
+    for r in rows[1:]:
+        assert r["t2i/r@1"] <= r["t2i/r@5"] <= r["t2i/r@10"] and 0.0 <= r["t2i/cat-p@10"] <= 1.0
+        assert r["i2t/mean"] == pytest.approx((r["i2t/r@1"] + r["i2t/r@5"] + r["i2t/r@10"]) / 3)
     table = json.loads((out / "runs" / "comparison.json").read_text(encoding="utf-8"))
     assert table["rows"] == rows and table["eval_data"].endswith("test")
 

@@ -202,7 +202,7 @@ def test_evaluate_text_refuses_no_texts():
         evaluate_text(GalleryIndex.build(emb, gallery, kind="flat"), encoder, [])
 
 
-def test_index_model_evaluates_text_and_saves_cn_clip_files(data_dir, checkpoint, tmp_path):
+def test_index_model_evaluates_text_and_saves_cn_clip_files(data_dir, checkpoint, tmp_path, capsys):
     gallery = gallery_from_split(data_dir, "test")
     texts = gallery_texts(gallery)
     lines = (data_dir / "test_texts.jsonl").read_text(encoding="utf-8").splitlines()
@@ -224,6 +224,14 @@ def test_index_model_evaluates_text_and_saves_cn_clip_files(data_dir, checkpoint
     assert row["t2i/mean"] == pytest.approx(ev["t2i"]["mean_recall"])
     table = comparison_markdown([row], part="text")
     assert "t2i/r@1" in table.splitlines()[0] and "p@10 |" not in table.splitlines()[0].replace("cat-p@10 |", "")
+    # `cnclip-kd eval` reports the text columns recorded with the index beside the image metrics it recomputes.
+    from cnclip_kd.cli import main as cli_main
+
+    assert cli_main(["eval", str(folder), "--out", str(tmp_path / "table")]) == 0
+    head, _, first = capsys.readouterr().out.splitlines()[:3]
+    cells = [c.strip() for c in first.split("|")]
+    assert "t2i/mean" in head and "p@10" in head
+    assert cells[[c.strip() for c in head.split("|")].index("t2i/mean")] == f"{ev['t2i']['mean_recall']:.3f}"
 
 
 def test_index_model_without_text_tower_leaves_text_columns_empty(tmp_path, monkeypatch):
