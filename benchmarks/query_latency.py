@@ -20,9 +20,24 @@ Rows ``onnx-int8 @N px`` (``--sides``): the same weights at smaller input sides
 verdicts are given both for the model as trained and for any side; what a
 smaller side costs in quality is ``benchmarks/resolution_quality.py``'s question.
 
-Usage (about 6–9 minutes on 2 cores)::
+Text queries (``--text``, on by default): realistic Chinese queries typed into
+the search box (Latin, digits and a query longer than the context length
+among them), end to end through :meth:`cnclip_kd.deploy.Retriever.search_text`
+— check + tokenise (cn_clip's tokenizer, numpy), encode (the text tower at the
+query's own length), search — with the text tower of each ``--text-models``
+architecture (random weights; RoBERTa-wwm-ext-base-chinese: 12 layers, RBT3:
+3) as PyTorch fp32 (``torch-text``, the baseline) and ONNX fp32 / int8
+(:func:`cnclip_kd.export.export_text_onnx`), each in its own process, against
+the same index. Printed beside the image queries, with the verdicts against
+the targets (p50 ≤ 20 ms with RoBERTa-base, ≤ 8 ms with RBT3).
+
+Usage (about 8–12 minutes on 2 cores)::
 
     python benchmarks/query_latency.py --threads 2 --out out/deploy/latency.json
+
+Text queries only (about 3 minutes)::
+
+    python benchmarks/query_latency.py --no-image --threads 2
 
 Quick check of the script itself (tiny model, small gallery)::
 
@@ -51,6 +66,20 @@ logger = logging.getLogger("query_latency")
 
 SIZES = {"800×800": (800, 800), "1920×1080": (1920, 1080)}
 BASELINE = "torch"
+TEXT_BASELINE = "torch-text"
+DEFAULT_TEXT = "RoBERTa-wwm-ext-base-chinese"
+#: p50 targets of an end-to-end text query per text architecture (ms, 2 cores).
+TEXT_TARGETS = {"RoBERTa-wwm-ext-base-chinese": 20.0, "RBT3-chinese": 8.0}
+#: What users type: short Chinese queries, Latin and digits among them, and one longer than the context length.
+TEXT_QUERIES = (
+    "连衣裙",
+    "白色连衣裙",
+    "男士 休闲 长裤",
+    "夏季 纯棉 短袖T恤 宽松",
+    "Nike 运动鞋 42码",
+    "2024新款 韩版 oversize 卫衣 女 秋冬 加绒 加厚 宽松 显瘦 百搭 学生 长袖 上衣 外套 潮牌 ins风 "
+    "情侣装 男女同款 黑色 灰色 白色 M L XL XXL",
+)
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -66,19 +95,30 @@ def _status_mb(key: str) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int) -> None:
-    """Serve queries from one Retriever until told to stop."""
+def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int, text: bool) -> None:
+    """Serve queries from one Retriever until told to stop (``text``: a text encoder, text queries)."""
     logging.basicConfig(level=logging.WARNING)
     from cnclip_kd.deploy import Retriever
 
     t0 = time.perf_counter()
-    retriever = Retriever.load(index_dir, encoder, backend=backend, threads=threads)
-    retriever_full = Retriever(retriever.index, retriever.encoder, fast_decode=False)
-    conn.send({"ready": True, "backend": retriever.backend, "load_s": time.perf_counter() - t0})
+    if text:
+        retriever = Retriever.load(index_dir, text_encoder=encoder, threads=threads)
+        name = retriever.text_backend  # loads it here, not at the first query
+        retriever_full = None
+    else:
+        retriever = Retriever.load(index_dir, encoder, backend=backend, threads=threads)
+        name = retriever.backend
+        retriever_full = Retriever(retriever.index, retriever.encoder, fast_decode=False)
+    conn.send({"ready": True, "backend": name, "load_s": time.perf_counter() - t0,
+               "torch_imported": "torch" in sys.modules})
     while True:
         cmd, payload = conn.recv()
         if cmd == "search":
             conn.send(retriever.search(payload, 10).timings_ms)
+        elif cmd == "search_text":
+            result = retriever.search_text(payload, 10)
+            conn.send({**result.timings_ms, "n_tokens": result.query["n_tokens"],
+                       "truncated": result.query["truncated"]})
         elif cmd == "embed":
             conn.send((retriever.embed(payload), retriever_full.embed(payload)))
         elif cmd == "rss":
@@ -91,15 +131,16 @@ def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int) -> N
 class Worker:
     """A back-end in its own process."""
 
-    def __init__(self, name: str, index_dir: Path, encoder: Path, backend: str, threads: int):
+    def __init__(self, name: str, index_dir: Path, encoder: Path, backend: str, threads: int, text: bool = False):
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, str(index_dir), str(encoder), backend, threads),
+        self.proc = ctx.Process(target=_worker, args=(child, str(index_dir), str(encoder), backend, threads, text),
                                 daemon=True)
         self.proc.start()
         ready = self.conn.recv()
         self.load_s = ready["load_s"]
+        self.torch_imported = ready["torch_imported"]
         logger.info("%s ready (%s) in %.1f s", name, ready["backend"], self.load_s)
 
     def ask(self, cmd: str, payload=None):
@@ -116,35 +157,40 @@ class Worker:
 # --------------------------------------------------------------------------- inputs
 
 
-def make_checkpoint(work: Path, args, side: int | None = None) -> Path:
+def make_checkpoint(work: Path, args, side: int | None = None, text_model: str | None = None) -> Path:
     """A random-weight student checkpoint (cn_clip format, with model_info); at input ``side`` when given
-    (the same weights, position embeddings interpolated: what ``--image-resolution`` training starts from)."""
+    (the same weights, position embeddings interpolated: what ``--image-resolution`` training starts from),
+    with the text tower ``text_model`` (default RoBERTa-wwm-ext-base-chinese; a preset has its own)."""
     import torch
 
     from cnclip_kd.models import cnclip_state_dict, load_student
 
-    path = work / f"random-{args.preset or args.vision_model}{f'-{side}px' if side else ''}.pt"
+    text = None if args.preset or text_model in (None, DEFAULT_TEXT) else text_model
+    path = work / f"random-{args.preset or args.vision_model}{f'@{text}' if text else ''}{f'-{side}px' if side else ''}.pt"
     if not path.is_file():
         torch.manual_seed(0)
         if side:
             model, info = load_student(make_checkpoint(work, args), image_resolution=side)
         else:
-            model, info = load_student(None, vision_model=args.vision_model, preset=args.preset)
+            model, info = load_student(None, vision_model=args.vision_model, text_model=text or DEFAULT_TEXT,
+                                       preset=args.preset)
         tmp = path.with_suffix(".tmp")
         torch.save({"state_dict": cnclip_state_dict(model), "model_info": info}, tmp)
         os.replace(tmp, path)
     return path
 
 
-def export_models(work: Path, ckpt: Path, stem: str, threads: int) -> dict:
-    """fp32 + int8 ONNX of ``ckpt`` as ``{work}/{stem}.onnx`` (reused from an earlier run into --work-dir)."""
-    from cnclip_kd.deploy import export_onnx, int8_path
+def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = False) -> dict:
+    """fp32 + int8 ONNX of ``ckpt``'s image (or ``text``) tower as ``{work}/{stem}.onnx`` (reused from an
+    earlier run into --work-dir)."""
+    from cnclip_kd.export import export_onnx, export_text_onnx, int8_path
 
     onnx_path = work / f"{stem}.onnx"
     report_path = work / f"{stem}.report.json"
     if report_path.is_file() and int8_path(onnx_path).is_file() and onnx_path.stat().st_mtime > ckpt.stat().st_mtime:
         return json.loads(report_path.read_text(encoding="utf-8"))
-    return export_onnx(ckpt, onnx_path, quantize=True, max_images=24, threads=threads, timing_runs=3)
+    export = export_text_onnx if text else export_onnx
+    return export(ckpt, onnx_path, quantize=True, max_images=24, threads=threads, timing_runs=3)
 
 
 def make_index(work: Path, n: int, dim: int, kind: str) -> tuple[Path, dict]:
@@ -228,36 +274,40 @@ def table(rows: list[dict]) -> str:
     return latency_markdown(rows)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vision-model", default="ViT-B-16", help="student architecture (random weights)")
-    p.add_argument("--preset", default=None, help="a small preset instead (tiny/demo), to test the script")
-    p.add_argument("--gallery", type=int, default=100_000, help="gallery size (synthetic vectors)")
-    p.add_argument("--index-kind", default="auto", help="index kind (auto: flat ≤ 50k, else HNSW)")
-    p.add_argument("--threads", type=int, default=2, help="encoder threads per back-end")
-    p.add_argument("--queries", type=int, default=4, help="different photos per size")
-    p.add_argument("--repeats", type=int, default=6, help="timed passes over the queries")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
-    p.add_argument("--slow-factor", type=float, default=2.0,
-                   help="after 2 timed passes, stop timing back-ends slower than this × the baseline")
-    p.add_argument("--gap-ms", type=float, default=30.0, help="pause between queries (idle pools settle)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="include torch.compile + bf16 + freezing (first call takes about a minute)")
-    p.add_argument("--sides", default="160,128,112",
-                   help="also time int8 students at these input sides (fewer tokens; quality: resolution_quality.py)")
-    p.add_argument("--work-dir", default=None, help="keep the checkpoint, ONNX files and index here (reused)")
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t_start = time.perf_counter()
-    from cnclip_kd.deploy import int8_path
-    from cnclip_kd.models import model_info
+def time_rounds(workers: dict, queries: dict, cmd: str, args, baseline: str) -> tuple[dict, list[str]]:
+    """Send every query to every worker in a shuffled order, ``warmup + repeats`` passes; returns the timings
+    per (query label, worker) and the workers dropped for being far slower than ``baseline``."""
+    timings = {(label, name): [] for label in queries for name in workers}
+    rng = random.Random(0)
+    active, dropped = list(workers), []
+    for rep in range(args.warmup + args.repeats):
+        for label, qs in queries.items():
+            for q in qs:
+                order = list(active)
+                rng.shuffle(order)
+                for name in order:
+                    time.sleep(args.gap_ms / 1e3)
+                    t = workers[name].ask(cmd, q)
+                    if rep >= args.warmup:
+                        timings[(label, name)].append(t)
+        if rep - args.warmup + 1 >= 2 and baseline in workers:
+            # A back-end far slower than the baseline has made its point; spare the run its time.
+            first = next(iter(queries))
+            base = statistics.median(t["total"] for t in timings[(first, baseline)])
+            for name in [n for n in active if n != baseline]:
+                mine = statistics.median(t["total"] for t in timings[(first, name)])
+                if mine > args.slow_factor * base:
+                    active.remove(name)
+                    dropped.append(name)
+                    logger.info("%s: p50 %.0f ms > %.1f× the baseline; timed on %d passes only", name, mine,
+                                args.slow_factor, rep - args.warmup + 1)
+    return timings, dropped
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="query-latency-"))
-    work.mkdir(parents=True, exist_ok=True)
-    info = model_info(args.vision_model, preset=args.preset)
-    host = machine()
-    logger.info("machine: %s", host)
+
+def run_image(args, work: Path, info: dict, index_dir: Path) -> dict:
+    """The image-query part: exports, back-ends, timings, table rows and report lines."""
+    from cnclip_kd.deploy import summarize_timings
+    from cnclip_kd.export import int8_path
 
     ckpt = make_checkpoint(work, args)
     export = export_models(work, ckpt, "image_encoder", args.threads)
@@ -266,7 +316,6 @@ def main(argv=None) -> int:
     side_exports = {side: export_models(work, make_checkpoint(work, args, side), f"image_encoder_{side}px",
                                         args.threads) for side in sides}
     export_s = sum(e.get("export_s", 0.0) + e["int8"].get("quantize_s", 0.0) for e in [export, *side_exports.values()])
-    index_dir, index_stats = make_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
     queries = make_queries(args.queries)
     decode = decode_times(queries, resolution, repeats=3)
 
@@ -287,36 +336,12 @@ def main(argv=None) -> int:
             pairs = [workers["onnx-fp32"].ask("embed", q) for q in qs]
             cos = [float(a @ b) for a, b in pairs]
             decode_cos[label] = {"min": round(min(cos), 5), "mean": round(statistics.mean(cos), 5)}
-        timings = {(label, name): [] for label in queries for name in workers}
-        rng = random.Random(0)
-        active, dropped = list(workers), []
-        for rep in range(args.warmup + args.repeats):
-            for label, qs in queries.items():
-                for q in qs:
-                    order = list(active)
-                    rng.shuffle(order)
-                    for name in order:
-                        time.sleep(args.gap_ms / 1e3)
-                        t = workers[name].ask("search", q)
-                        if rep >= args.warmup:
-                            timings[(label, name)].append(t)
-            if rep - args.warmup + 1 >= 2:
-                # A back-end far slower than the baseline has made its point; spare the run its time.
-                base = statistics.median(t["total"] for t in timings[(next(iter(queries)), BASELINE)])
-                for name in [n for n in active if n != BASELINE]:
-                    mine = statistics.median(t["total"] for t in timings[(next(iter(queries)), name)])
-                    if mine > args.slow_factor * base:
-                        active.remove(name)
-                        dropped.append(name)
-                        logger.info("%s: p50 %.0f ms > %.1f× the baseline; timed on %d passes only", name, mine,
-                                    args.slow_factor, rep - args.warmup + 1)
+        timings, dropped = time_rounds(workers, queries, "search", args, BASELINE)
         rss = {name: w.ask("rss") for name, w in workers.items()}
         load_s = {name: round(w.load_s, 1) for name, w in workers.items()}
     finally:
         for w in workers.values():
             w.stop()
-
-    from cnclip_kd.deploy import summarize_timings
 
     rows = []
     for label in queries:
@@ -339,18 +364,10 @@ def main(argv=None) -> int:
             verdicts.append(f"- {label}, {what}: best **{r['backend']}** p50 {r['total']['p50']:.1f} ms "
                             f"(target ≤ {targets[label]:.0f} ms), {r['speedup']:.2f}× the torch fp32 baseline "
                             f"(target ≥ 4×): {'met' if ok else 'NOT met'}")
-    host["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    arch = args.preset or args.vision_model
     lines = [
-        f"## Query latency: {arch} image encoder (random weights), gallery {args.gallery:,} "
-        f"({index_stats['kind']}, recall@10 {index_stats.get('recall@10')}), {args.threads} threads",
-        "",
-        f"Machine: {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} vCPUs; load average at start "
-        f"{host['load_avg']}, at end {host['load_avg_end']}; torch {host['torch']}, onnxruntime "
-        f"{host['onnxruntime']}. {args.queries} photos × {args.repeats} passes per size and back-end "
-        f"(+{args.warmup} warm-up), each back-end in its own process, shuffled order each query"
+        f"### Image queries ({args.queries} photos × {args.repeats} passes per size and back-end)"
         + (f"; {', '.join(dropped)}: more than {args.slow_factor:g}× slower than the baseline, timed on 2 passes"
-           if dropped else "") + ".",
+           if dropped else ""),
         "",
         table(rows),
         "",
@@ -372,19 +389,151 @@ def main(argv=None) -> int:
             f"{label} min {c['min']:.4f}, mean {c['mean']:.4f}" for label, c in decode_cos.items()) + ".",
         "Resident memory after the run (MB; the peak includes loading): "
         + ", ".join(f"{n} {r[1]:.0f}" for n, r in rss.items()) + ".",
-        f"Back-end load times (s): {load_s}. Index build {index_stats.get('build_s')} s, "
-        f"search alone {index_stats.get('search_ms')} ms. Whole run {time.perf_counter() - t_start:.0f} s.",
+        f"Back-end load times (s): {load_s}.",
     ]
-    text = "\n".join(lines)
-    sys.stdout.write(text + "\n")
+    return {"rows": rows, "lines": lines, "export": export, "side_exports": side_exports, "decode_ms": decode,
+            "decode_cosine": decode_cos, "load_s": load_s}
+
+
+def _short_text_name(text_model: str | None) -> str:
+    return {"RoBERTa-wwm-ext-base-chinese": "RoBERTa-base (12 layers)", "RBT3-chinese": "RBT3 (3 layers)",
+            "RoBERTa-wwm-ext-large-chinese": "RoBERTa-large (24 layers)"}.get(text_model or "", text_model or "preset")
+
+
+def run_text(args, work: Path, index_dir: Path) -> dict:
+    """The text-query part: per text architecture, torch / ONNX fp32 / ONNX int8 text encoders, timed end to end."""
+    from cnclip_kd.deploy import summarize_timings
+    from cnclip_kd.export import int8_path
+    from cnclip_kd.tokenizer import tokenize
+
+    text_models = [None] if args.preset else [t.strip() for t in args.text_models.split(",") if t.strip()]
+    queries = list(TEXT_QUERIES)
+    rows, exports, verdicts, notes, load_s, torch_free = [], {}, [], [], {}, {}
+    for tm in text_models:
+        label = f"text · {_short_text_name(tm)}"
+        ckpt = make_checkpoint(work, args, text_model=tm)
+        stem = "text_encoder" if tm in (None, DEFAULT_TEXT) else f"text_encoder_{tm}"
+        export = exports[label] = export_models(work, ckpt, stem, args.threads, text=True)
+        fp32 = Path(export["fp32"]["path"])
+        backends = {TEXT_BASELINE: ckpt, "onnx-text-fp32": fp32, "onnx-text-int8": int8_path(fp32)}
+        workers = {}
+        try:
+            for name, enc in backends.items():
+                workers[name] = Worker(f"{name} ({label})", index_dir, enc, "auto", args.threads, text=True)
+            timings, dropped = time_rounds(workers, {label: queries}, "search_text", args, TEXT_BASELINE)
+            rss = {name: w.ask("rss") for name, w in workers.items()}
+            load_s[label] = {name: round(w.load_s, 1) for name, w in workers.items()}
+            torch_free[label] = {name: not w.torch_imported for name, w in workers.items()}
+        finally:
+            for w in workers.values():
+                w.stop()
+        base = summarize_timings(timings[(label, TEXT_BASELINE)])["total"]["p50"]
+        for name in workers:
+            s = summarize_timings(timings[(label, name)])
+            rows.append({"query": label, "backend": name, **s, "speedup": round(base / s["total"]["p50"], 2),
+                         "rss_mb": round(rss[name][0], 0), "rss_now_mb": round(rss[name][1], 0)})
+        best = min((r for r in rows if r["query"] == label), key=lambda r: r["total"]["p50"])
+        target = TEXT_TARGETS.get(tm or "")
+        verdicts.append(f"- {label}: best **{best['backend']}** p50 {best['total']['p50']:.1f} ms "
+                        f"(p95 {best['total']['p95']:.1f}; tokenise {best['decode']['p50']:.2f}, encode "
+                        f"{best['encode']['p50']:.1f}, search {best['search']['p50']:.2f})"
+                        + (f", target ≤ {target:.0f} ms: {'met' if best['total']['p50'] <= target else 'NOT met'}"
+                           if target else "")
+                        + f"; {best['speedup']:.2f}× the torch fp32 text tower")
+        q = export["int8"]
+        notes.append(f"{label}: export check fp32 cosine ≥ {export['fp32']['cosine_min']:.6f} on "
+                     f"{export['n_texts']} texts; int8 mean {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f}); "
+                     f"{export['fp32']['mb']:.0f} MB → {q['mb']:.0f} MB; batch-1 encode of a "
+                     f"{export['timing_texts']['short_tokens']}-token / full {export['timing_texts']['full_tokens']}-"
+                     f"token query: torch {export['torch']['encode_ms']:.1f} / {export['torch']['encode_ms_full']:.1f} ms, "
+                     f"fp32 {export['fp32']['encode_ms']:.1f} / {export['fp32']['encode_ms_full']:.1f}, "
+                     f"int8 {q['encode_ms']:.1f} / {q['encode_ms_full']:.1f}"
+                     + (f"; {', '.join(dropped)} timed on 2 passes only" if dropped else "") + ".")
+    tokens = tokenize(queries, pad_to_context=False)
+    lines = [
+        f"### Text queries ({len(queries)} queries × {args.repeats} passes per back-end; "
+        f"{', '.join(str(int(n)) for n in tokens.lengths)} tokens, the last one cut at the context length)",
+        "",
+        table(rows),
+        "",
+        *verdicts,
+        "",
+        *notes,
+        "ONNX text back-ends ran without torch in their process: "
+        + ", ".join(f"{lab}: {all(v for n, v in tf.items() if n != TEXT_BASELINE)}" for lab, tf in torch_free.items())
+        + f". Back-end load times (s): {load_s}.",
+    ]
+    return {"rows": rows, "lines": lines, "exports": exports, "queries": queries,
+            "n_tokens": tokens.lengths.tolist(), "load_s": load_s, "torch_free": torch_free}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vision-model", default="ViT-B-16", help="student architecture (random weights)")
+    p.add_argument("--preset", default=None, help="a small preset instead (tiny/demo), to test the script")
+    p.add_argument("--gallery", type=int, default=100_000, help="gallery size (synthetic vectors)")
+    p.add_argument("--index-kind", default="auto", help="index kind (auto: flat ≤ 50k, else HNSW)")
+    p.add_argument("--threads", type=int, default=2, help="encoder threads per back-end")
+    p.add_argument("--queries", type=int, default=4, help="different photos per size")
+    p.add_argument("--repeats", type=int, default=6, help="timed passes over the queries")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    p.add_argument("--slow-factor", type=float, default=2.0,
+                   help="after 2 timed passes, stop timing back-ends slower than this × the baseline")
+    p.add_argument("--gap-ms", type=float, default=30.0, help="pause between queries (idle pools settle)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="include torch.compile + bf16 + freezing (first call takes about a minute)")
+    p.add_argument("--sides", default="160,128,112",
+                   help="also time int8 students at these input sides (fewer tokens; quality: resolution_quality.py)")
+    p.add_argument("--image", action=argparse.BooleanOptionalAction, default=True, help="time image queries")
+    p.add_argument("--text", action=argparse.BooleanOptionalAction, default=True, help="time text queries")
+    p.add_argument("--text-models", default="RoBERTa-wwm-ext-base-chinese,RBT3-chinese",
+                   help="text architectures to time (comma-separated; a --preset has its own)")
+    p.add_argument("--work-dir", default=None, help="keep the checkpoint, ONNX files and index here (reused)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+    from cnclip_kd.models import model_info
+
+    if not (args.image or args.text):
+        p.error("nothing to time: --no-image and --no-text")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="query-latency-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = model_info(args.vision_model, preset=args.preset)
+    host = machine()
+    logger.info("machine: %s", host)
+    index_dir, index_stats = make_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
+    image = run_image(args, work, info, index_dir) if args.image else None
+    text = run_text(args, work, index_dir) if args.text else None
+
+    host["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    arch = args.preset or args.vision_model
+    lines = [
+        f"## Query latency: {arch} (random weights), gallery {args.gallery:,} "
+        f"({index_stats['kind']}, recall@10 {index_stats.get('recall@10')}), {args.threads} threads",
+        "",
+        f"Machine: {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} vCPUs; load average at start "
+        f"{host['load_avg']}, at end {host['load_avg_end']}; torch {host['torch']}, onnxruntime "
+        f"{host['onnxruntime']}. +{args.warmup} warm-up pass, each back-end in its own process, shuffled order "
+        "each query.",
+        "",
+        *(image["lines"] + [""] if image else []),
+        *(text["lines"] + [""] if text else []),
+        f"Index build {index_stats.get('build_s')} s, search alone {index_stats.get('search_ms')} ms. "
+        f"Whole run {time.perf_counter() - t_start:.0f} s.",
+    ]
+    report = "\n".join(lines)
+    sys.stdout.write(report + "\n")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": host, "args": vars(args), "rows": rows, "export": export,
-                                   "side_exports": side_exports,
-                                   "index": index_stats, "decode_ms": decode, "decode_cosine": decode_cos,
-                                   "load_s": load_s, "markdown": text}, ensure_ascii=False, indent=1,
-                                  default=str), encoding="utf-8")
+        data = {"machine": host, "args": vars(args), "index": index_stats, "markdown": report,
+                "rows": image["rows"] if image else [], "text_rows": text["rows"] if text else []}
+        if image:
+            data.update({k: image[k] for k in ("export", "side_exports", "decode_ms", "decode_cosine", "load_s")})
+        if text:
+            data["text"] = {k: text[k] for k in ("exports", "queries", "n_tokens", "load_s", "torch_free")}
+        out.write_text(json.dumps(data, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
     return 0
 
 

@@ -7,6 +7,8 @@ Each sub-command calls the same package function its notebook calls::
     cnclip-kd export-teacher my-vit-h.pt out/teachers/my-vit-h
     cnclip-kd index out/runs/demo-kd-cosine/checkpoints/epoch_latest.pt out/index/demo --data out/data
     cnclip-kd eval out/index/demo out/index/teacher
+    cnclip-kd export CKPT out/deploy/image_encoder.onnx --text-out out/deploy/text_encoder.onnx
+    cnclip-kd search --index out/index/demo --text 白色连衣裙 --text-model out/deploy/text_encoder.onnx
 """
 
 from __future__ import annotations
@@ -166,6 +168,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="embedding chunks/cache (default: beside out_dir)")
     p.add_argument("--vision-model", default=None, help="architecture of a checkpoint that does not record it")
     p.add_argument("--text-model", default=None, help="likewise")
+    p.add_argument("--no-text", dest="text", action="store_false",
+                   help="skip the text → image / image → text evaluation (on by default for models with a text tower)")
     p.set_defaults(func=_run_index)
 
 
@@ -181,10 +185,11 @@ def _run_index(args: argparse.Namespace) -> int:
                            text_model=args.text_model)
     index = index_model(args.model, gallery, args.out_dir, cache_dir=args.cache_dir, kind=args.kind,
                         memory_budget_mb=args.memory_budget_mb, k=args.k, batch_size=args.batch_size,
-                        num_workers=args.num_workers, encoder=encoder)
+                        num_workers=args.num_workers, encoder=encoder, text=args.text)
     summary = {"index_dir": str(Path(args.out_dir).resolve()),
                **{k: index.stats.get(k) for k in ("kind", "n", "dim", "bytes", "build_s", "recall@10", "search_ms")},
-               "eval": {k: v for k, v in index.stats["eval"].items() if k != "per_label"}}
+               "eval": {k: v for k, v in index.stats["eval"].items() if k != "per_label"},
+               "text_eval": index.stats.get("text_eval")}
     sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
     return 0
 
@@ -219,16 +224,22 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="one image query against a saved index; JSON out (notebook 06)",
-                       description="Answer an image query with the Top-k of a saved index folder (cnclip-kd index), "
-                                   "through an exported ONNX encoder or the index's own checkpoint. Prints JSON.")
+    p = sub.add_parser("search", help="one image or text query against a saved index; JSON out (notebook 06)",
+                       description="Answer an image query (--image) or a text query (--text, text → image) with the "
+                                   "Top-k of a saved index folder (cnclip-kd index), through exported ONNX encoders "
+                                   "(no torch) or the index's own checkpoint. Prints JSON.")
     p.add_argument("--index", required=True, help="index folder written by `cnclip-kd index` / notebook 03")
-    p.add_argument("--image", required=True, help="query image file (JPEG, PNG, ...)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="query image file (JPEG, PNG, ...)")
+    query.add_argument("--text", help="text query, e.g. 白色连衣裙 (longer than the model's context: cut, and "
+                                      "the JSON says so)")
     p.add_argument("-k", "--k", type=int, default=10, help="results (default 10)")
-    p.add_argument("--model", default=None, help="encoder: .onnx file (cnclip-kd export) or checkpoint; "
+    p.add_argument("--model", default=None, help="image encoder: .onnx file (cnclip-kd export) or checkpoint; "
                                                  "default: the checkpoint the index was built with")
+    p.add_argument("--text-model", default=None, help="text encoder: .onnx text model (cnclip-kd export --text-out) "
+                                                      "or checkpoint; default: the index's checkpoint (PyTorch)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch", "torch-bf16", "torch-compile"],
-                   help="encoder back-end (default auto: onnx for an .onnx file, else torch fp32)")
+                   help="image encoder back-end (default auto: onnx for an .onnx file, else torch fp32)")
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: the runtime's)")
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (default: DCT-scaled)")
     p.set_defaults(func=_run_search)
@@ -236,27 +247,43 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def _run_search(args: argparse.Namespace) -> int:
     from .deploy import Retriever
+    from .tokenizer import NoTextTowerError, QueryError
 
     try:
-        retriever = Retriever.load(args.index, args.model, backend=args.backend, threads=args.threads,
-                                   fast_decode=not args.full_decode)
+        # Only the encoder the query needs is loaded (the other one would load on first use).
+        retriever = Retriever.load(args.index, args.model if args.image is not None else None,
+                                   text_encoder=args.text_model if args.text is not None else None,
+                                   backend=args.backend, threads=args.threads, fast_decode=not args.full_decode)
+        if args.text is not None:
+            result = retriever.search_text(args.text, args.k)
+            backend = retriever.text_backend
+        else:
+            result = retriever.search(args.image, args.k)
+            backend = retriever.backend
+    except (QueryError, NoTextTowerError) as err:  # an empty query; an index whose model reads no text
+        logger.error("%s", err)
+        return 2
     except ValueError as err:  # an encoder that does not fit the index, or a bad backend choice
         logger.error("%s", err)
         return 2
-    result = retriever.search(args.image, args.k)
-    out = {"query": args.image, "k": args.k, "index": args.index, "backend": retriever.backend,
-           "n_gallery": len(retriever.index), **result.to_dict()}
+    out = {"k": args.k, "index": args.index, "backend": backend, "n_gallery": len(retriever.index),
+           **result.to_dict()}
+    out["query"] = result.query if result.query is not None else {"image": args.image}
     sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=1, default=str) + "\n")
     return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="student image encoder → ONNX (fp32, optional int8), checked (notebook 06)",
+    p = sub.add_parser("export", help="student encoders → ONNX (fp32, optional int8), checked (notebook 06)",
                        description="Export a student's image encoder to ONNX (dynamic batch, L2 normalisation in "
                                    "the graph), check it against PyTorch on real photos and, with --int8, write "
-                                   "a dynamically quantised copy with its measured cost. Prints the report JSON.")
+                                   "a dynamically quantised copy with its measured cost; with --text-out also its "
+                                   "text encoder (for text → image search). Prints the report JSON (the text "
+                                   "encoder's under \"text_encoder\").")
     p.add_argument("checkpoint", help="student checkpoint (*.pt) or cn_clip pretrained name")
     p.add_argument("out", help="ONNX file to write, e.g. out/deploy/image_encoder.onnx")
+    p.add_argument("--text-out", default=None,
+                   help="also export the text encoder to this file, e.g. out/deploy/text_encoder.onnx")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                    help="also write <out>.int8.onnx (--no-int8: never; default: only when its cost is small)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 14 (default 17)")
@@ -269,13 +296,20 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .deploy import ExportError, export_onnx
+    from .encoders import NoTextTowerError, load_encoder
+    from .export import ExportError, export_onnx, export_text_onnx
 
+    kwargs = {"quantize": args.int8, "opset": args.opset, "images": args.images, "max_images": args.max_images,
+              "threads": args.threads}
+    arch = {k: v for k, v in (("vision_model", args.vision_model), ("text_model", args.text_model)) if v}
     try:
-        report = export_onnx(args.checkpoint, args.out, quantize=args.int8, opset=args.opset, images=args.images,
-                             max_images=args.max_images, threads=args.threads, vision_model=args.vision_model,
-                             text_model=args.text_model)
-    except (ExportError, ValueError) as err:
+        # Both towers from one load of the checkpoint.
+        source = load_encoder(args.checkpoint, device="cpu", precision="fp32", **arch) if args.text_out \
+            else args.checkpoint
+        report = export_onnx(source, args.out, **kwargs, **arch)
+        if args.text_out:
+            report["text_encoder"] = export_text_onnx(source, args.text_out, **kwargs)
+    except (ExportError, NoTextTowerError, ValueError) as err:
         logger.error("%s", err)
         return 2
     sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")

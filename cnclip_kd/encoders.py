@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .tokenizer import NoTextTowerError  # noqa: F401 - defined torch-free for the serving path; public here
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageEncoder", "NoTextTowerError", "TextEncoder", "load_encoder", "load_text_encoder", "text_encoder_for"]
@@ -210,10 +212,6 @@ def load_encoder(spec: str | os.PathLike, *, device: str | torch.device | None =
 
 
 # --------------------------------------------------------------------------- text
-
-
-class NoTextTowerError(ValueError):
-    """The model has no text tower the kit can use (an image-only teacher such as EfficientNet-Lite)."""
 
 
 def _cnclip_text_fn(clip: torch.nn.Module, device: torch.device, context_length: int) -> Callable[[Sequence[str]], torch.Tensor]:

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 #: small enough that a decompression bomb is refused before it is decoded.
 DEFAULT_MAX_PIXELS = 100_000_000
 
+#: CLIP's per-channel pixel mean and standard deviation (RGB, on [0, 1] values): the normalisation of
+#: every cn_clip model's input (training, the exported ONNX image encoder, :func:`cnclip_kd.deploy.to_pixels`).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 

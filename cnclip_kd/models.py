@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
 
+from .images import CLIP_MEAN, CLIP_STD
+
 logger = logging.getLogger(__name__)
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = CLIP_MEAN, CLIP_STD  # (kept under these names for callers of this module)
 
 _TINY_TEXT = {
     "vocab_size": 21128,  # the cn_clip tokenizer's vocabulary; cannot shrink

@@ -26,7 +26,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTEXT_LENGTH", "QueryError", "Tokens", "check_query", "preprocess_text", "tokenize"]
+__all__ = ["CONTEXT_LENGTH", "NoTextTowerError", "QueryError", "Tokens", "check_query", "preprocess_text", "tokenize"]
 
 #: cn_clip's default text context length (``--context-length``), ``[CLS]`` and ``[SEP]`` included.
 CONTEXT_LENGTH = 52
@@ -36,6 +36,13 @@ MAX_QUERY_CHARS = 1000
 
 class QueryError(ValueError):
     """A text query that cannot be searched (empty, whitespace only, not text, or absurdly long)."""
+
+
+class NoTextTowerError(ValueError):
+    """The model has no text tower the kit can use (an image-only teacher such as EfficientNet-Lite).
+
+    Defined here, with no torch import, so a CPU server can catch it; :mod:`cnclip_kd.encoders` raises it.
+    """
 
 
 def preprocess_text(text: str) -> str:

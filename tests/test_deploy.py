@@ -14,8 +14,9 @@ from PIL import Image, ImageFile
 
 from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.deploy import (ExportError, OnnxEncoder, Retriever, TorchEncoder, export_onnx, int8_path,
-                              latency_markdown, load_query_image, make_encoder, measure_latency, to_pixels)
+from cnclip_kd.deploy import (OnnxEncoder, Retriever, TorchEncoder, latency_markdown, load_query_image, make_encoder,
+                              measure_latency, to_pixels)
+from cnclip_kd.export import ExportError, export_onnx, int8_path
 from cnclip_kd.images import BadImageError, encode_jpeg, load_image
 from cnclip_kd.encoders import load_encoder
 from cnclip_kd.index import GalleryIndex
@@ -312,3 +313,25 @@ def test_cli_export(checkpoint, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["onnx"] == str(out.resolve()) and report["int8"]["kept"] and int8_path(out).is_file()
     assert cli_main(["export", str(checkpoint), str(tmp_path / "x.onnx"), "--opset", "12"]) == 2
+
+
+# --------------------------------------------------------------------------- module split
+
+
+def test_deploy_imports_no_torch_and_export_names_still_resolve():
+    import subprocess
+    import sys
+
+    script = ("import sys; import cnclip_kd.deploy as d; from cnclip_kd.images import CLIP_MEAN; "
+              "print('torch' in sys.modules); from cnclip_kd.deploy import export_onnx, ExportError, int8_path; "
+              "import cnclip_kd.export as e; print(export_onnx is e.export_onnx and ExportError is e.ExportError)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]  # torch only once an export name is asked for
+
+
+def test_clip_constants_live_in_images():
+    from cnclip_kd import images, models
+
+    assert models.MEAN == images.CLIP_MEAN and models.STD == images.CLIP_STD
+    assert images.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)

@@ -404,6 +404,11 @@ def test_cli_index_and_eval(checkpoint, data_dir, tmp_path, capsys):
     assert summary["kind"] == "hnsw" and summary["n"] == 120 and 0.0 <= summary["recall@10"] <= 1.0
     assert 0.0 <= summary["eval"]["label"]["p@10"] <= 1.0
     assert GalleryIndex.load(out).stats["model"]["spec"] == str(checkpoint.resolve())
+    assert summary["text_eval"]["n_images"] == 120 and 0.0 <= summary["text_eval"]["t2i"]["r@10"] <= 1.0
+
+    plain = tmp_path / "index" / "no-text"
+    assert cli_main(["index", str(checkpoint), str(plain), "--data", str(data_dir), "--no-text"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_eval"] is None and not (plain / "texts.jsonl").exists()
 
     assert cli_main(["eval", str(out), "--out", str(tmp_path / "table")]) == 0
     text = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Notebook 06 (CPU deployment), headless: export, Retriever query, latency table, from tiny trained checkpoints."""
+"""Notebook 06 (CPU deployment), headless: image and text export, Retriever image and text queries, latency tables,
+from tiny trained checkpoints."""
 
 from __future__ import annotations
 
@@ -54,6 +55,31 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
     with Image.open(rec["figure"]) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1]
 
+    # The text encoder: exported beside the image one, checked against PyTorch, the index's own text tower.
+    text = rec["text_export"]
+    assert Path(text["onnx"]) == (output_dir / "deploy" / "text_encoder.onnx").resolve()
+    assert Path(text["report"]).is_file() and text["opset"] >= 14 and text["fp32"]["cosine_min"] >= 0.999
+    assert text["n_texts"] > text["n_captions"] > 0 and text["dim"] == index.dim
+    assert index.stats["model"].get("text_fingerprint", text["fingerprint"]) == text["fingerprint"]
+    text_int8 = rec["text_int8"]
+    assert text_int8["cosine_mean"] >= 0.99 and isinstance(text_int8["kept"], bool) and text_int8["reason"]
+    assert rec["text_encoder"] == (text_int8["path"] if text_int8["kept"] else text["onnx"])
+    assert rec["text_backend"] == ("onnx-text-int8" if text_int8["kept"] else "onnx-text-fp32")
+    # The default text query, answered as a fresh Retriever answers it, with its timing split.
+    assert rec["text_query"] == {"text": "连衣裙", "truncated": False, "n_tokens": 5,
+                                 "context_length": text["context_length"]}
+    assert len(rec["text_result_ids"]) == 10 and rec["text_result_scores"] == sorted(rec["text_result_scores"], reverse=True)
+    again = Retriever.load(index_dir, text_encoder=rec["text_encoder"]).search_text("连衣裙", 10)
+    assert again.ids.tolist() == rec["text_result_ids"]
+    np.testing.assert_allclose(again.scores, rec["text_result_scores"], atol=1e-5)
+    assert rec["text_result_labels"] == [index.gallery.meta[index.gallery.row_of(i)]["label"]
+                                         for i in rec["text_result_ids"]]
+    assert set(rec["text_timings_ms"]) == {"decode", "encode", "search", "total"}
+    text_backends = [r["backend"] for r in rec["text_latency"]]
+    assert text_backends == ["torch-text", "onnx-text-fp32"] + (["onnx-text-int8"] if text_int8["kept"] else [])
+    for row in rec["text_latency"]:
+        assert row["n"] == 4 and 0 < row["total"]["p50"] <= row["total"]["p95"]
+
 
 def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_dir, data_dir, tmp_path):
     from demo_fixtures import build_saved_index
@@ -63,9 +89,10 @@ def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_d
     stamp = (index_dir / "index.faiss").stat().st_mtime_ns
     query = tmp_path / "query.jpg"
     query.write_bytes(gallery_from_split(data_dir, "test").image_bytes(4))
+    long_query = "白色 纯棉 短袖 T恤 " * 12
     rec = notebook_runner("06_deploy_cpu.ipynb", {
         "OUTPUT_DIR": str(output_dir), "INDEX_DIR": str(index_dir), "QUANTIZE": "no", "QUERY_IMAGE": str(query),
-        "K": 5, "CHECK_IMAGES": 40, "LATENCY_REPEATS": 1, "THREADS": 1})
+        "K": 5, "CHECK_IMAGES": 40, "LATENCY_REPEATS": 1, "THREADS": 1, "TEXT_QUERY": long_query})
     assert rec["model"] == "tiny-finetune" and rec["checkpoint"] == str(ckpt.resolve())  # the index's own model
     assert rec["index_built_here"] is False and (index_dir / "index.faiss").stat().st_mtime_ns == stamp
     assert rec["int8"] is None and rec["backend"] == "onnx-fp32"
@@ -75,6 +102,12 @@ def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_d
     index = GalleryIndex.load(index_dir)
     assert len(rec["result_ids"]) == 5 and rec["result_ids"][0] == int(index.gallery.ids[4])
     assert [r["backend"] for r in rec["latency"]] == ["torch", "torch-bf16", "onnx-fp32"]
+    # Text: fp32 only, and a query longer than the context length is answered and said to be cut.
+    assert rec["text_int8"] is None and rec["text_backend"] == "onnx-text-fp32"
+    assert not (output_dir / "deploy" / "text_encoder.int8.onnx").exists()
+    assert rec["text_query"]["truncated"] is True and rec["text_query"]["text"] == long_query.strip()
+    assert rec["text_query"]["n_tokens"] == rec["text_query"]["context_length"] and len(rec["text_result_ids"]) == 5
+    assert [r["backend"] for r in rec["text_latency"]] == ["torch-text", "onnx-text-fp32"]
 
 
 def test_notebook_06_without_a_model_names_the_notebook_to_run(notebook_runner, tmp_path):

@@ -281,7 +281,7 @@ def test_student_continues_at_a_smaller_input_side(plain_run, data, tmp_path, ca
     """--resume a 32 px run at 16 px: position embeddings interpolated, fresh optimizer, 16 px from then on."""
     import logging
 
-    from cnclip_kd.deploy import export_onnx
+    from cnclip_kd.export import export_onnx
 
     start, _ = load_student(plain_run.checkpoint)
     old = start.visual.positional_embedding.detach()  # 1 + 4×4 tokens

@@ -1,0 +1,705 @@
+"""ONNX export of a student's two towers, each checked against PyTorch before it is written.
+
+* :func:`export_onnx` writes the **image** tower: input ``pixel_values``
+  ``[batch, 3, R, R]`` (:func:`cnclip_kd.deploy.to_pixels`), output
+  ``embeddings`` ``[batch, D]`` L2-normalised inside the graph.
+* :func:`export_text_onnx` writes the **text** tower: input ``input_ids``
+  ``[batch, seq]`` (int64, cn_clip's tokenizer, :func:`cnclip_kd.tokenizer.tokenize`;
+  both axes dynamic, so a short query runs at its own length), the attention
+  mask computed inside the graph as ``input_ids != 0`` (cn_clip's ``[PAD]``),
+  output ``embeddings`` ``[batch, D]`` L2-normalised inside the graph.
+
+Both check the ONNX model against PyTorch before anything is put in place
+(fp32 cosine ≥ 0.999 on every check input, else :class:`ExportError` and no
+file), optionally write a dynamically quantised int8 copy with its measured
+cost, and save a ``<stem>.report.json`` beside the model. Every file is
+written to a temp name and renamed into place. The models are served by
+:class:`cnclip_kd.deploy.OnnxEncoder` / :class:`cnclip_kd.deploy.OnnxTextEncoder`
+(ONNX Runtime, no torch).
+
+Exported with the TorchScript exporter (``dynamo=False``: the dynamo one needs
+onnxscript) at opset ≥ 14 (cn_clip's own exporter uses 13, where
+``scaled_dot_product_attention`` does not export on torch ≥ 2.x).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .deploy import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ONNX_TEXT_INPUT,
+    OnnxEncoder,
+    OnnxTextEncoder,
+    _set_torch_threads,
+    to_pixels,
+)
+from .files import atomic_write_json
+from .images import CLIP_MEAN, CLIP_STD, BadImageError, load_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHECK_QUERIES", "ExportError", "export_onnx", "export_text_onnx", "int8_path"]
+
+_META = "cnclip_kd."
+
+#: Varied queries every text export is checked on, beside the sample captions: Latin, digits, emoji,
+#: full-width forms, accents, curly quotes, other scripts, punctuation only, and a text longer than
+#: the context length (cut, as in training).
+CHECK_QUERIES = (
+    "白色连衣裙",
+    "T-shirt",
+    "Nike 运动鞋 42码",
+    "iPhone 15 Pro Max 手机壳",
+    "2024新款 韩版 oversize 卫衣 XL",
+    "👗 红色 长裙 ❤️🔥",
+    "ＡＢＣ全角１２３",
+    "café naïve 夏装",
+    "“复古”风 牛仔外套",
+    "日本語のテキスト と 한국어 混排",
+    "12345",
+    "!!!???",
+    "a",
+    "夏季新款女装 宽松显瘦 百搭 纯棉短袖T恤 " * 8,
+)
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce PyTorch's embeddings (or cannot be exported)."""
+
+
+def int8_path(out_path: str | os.PathLike) -> Path:
+    """Where the int8 model of ``out_path`` goes (``x.onnx`` → ``x.int8.onnx``), for either tower."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}.int8{out.suffix or '.onnx'}")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _set_metadata(path: Path, props: Mapping[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {p.key: p.value for p in model.metadata_props}
+    existing.update({_META + k: str(v) for k, v in props.items()})
+    onnx.helper.set_model_props(model, existing)
+    onnx.save(model, str(path))
+
+
+def _check_records(images: str | os.PathLike | None, max_images: int | None, seed: int) -> tuple[list[Image.Image], list]:
+    """Readable photos of a folder or manifest (default: the sample data) and their records, seeded subset."""
+    from . import SAMPLE_DATA
+    from .data import read_source
+
+    records = read_source(images or SAMPLE_DATA)
+    if max_images and len(records) > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(len(records), int(max_images), replace=False))
+        records = [records[i] for i in rows]
+    pics, kept = [], []
+    for rec in records:
+        try:
+            pics.append(load_image(rec.data if rec.data is not None else rec.source))
+            kept.append(rec)
+        except BadImageError as err:
+            logger.warning("export check: skipped %s (%s)", rec.source, err.reason)
+    if not pics:
+        raise ExportError(f"{images or SAMPLE_DATA}: no readable image to check the export with")
+    return pics, kept
+
+
+def _batched(fn: Callable[[Any], np.ndarray], items, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate([fn(items[s:s + batch_size]) for s in range(0, len(items), batch_size)])
+
+
+def _category_metrics(feats: np.ndarray, labels: Sequence[str]) -> dict | None:
+    from .metrics import image_to_image_metrics
+
+    labels = np.asarray(labels, dtype=object)
+    if not all(labels) or len(set(labels)) == len(labels):
+        return None  # no categories, or no two images share one: P@10 means nothing
+    return image_to_image_metrics(torch.from_numpy(feats), labels.astype(str), k=10)
+
+
+def _text_to_image_metrics(text_feats: np.ndarray, text_labels: Sequence[str], image_feats: np.ndarray | None,
+                           image_labels: Sequence[str], k: int = 10) -> dict | None:
+    """Category-level text→image P@k / mAP@k: a hit is an image of the caption's category."""
+    from .metrics import ranking_metrics
+
+    if image_feats is None or not len(text_labels) or not all(image_labels) or not all(text_labels):
+        return None
+    image_labels = np.asarray(image_labels, dtype=object).astype(str)
+    text_labels = np.asarray(text_labels, dtype=object).astype(str)
+    depth = min(k, len(image_labels))
+    sims = text_feats @ image_feats.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
+    hits = image_labels[top] == text_labels[:, None]
+    names, counts = np.unique(image_labels, return_counts=True)
+    n_relevant = np.array([dict(zip(names, counts)).get(lab, 0) for lab in text_labels])
+    return ranking_metrics(hits, n_relevant, ks=[x for x in (1, 5, 10) if x <= depth])
+
+
+def _metric_fields(metrics: Mapping[str, Any] | None) -> dict:
+    if not metrics:
+        return {"p@10": None, "map@10": None}
+    return {"p@10": metrics.get("p@10"), "map@10": metrics.get("map@10")}
+
+
+def _median_ms(fn, x, runs: int) -> float:
+    fn(x)  # warm-up
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1000, 2)
+
+
+def _drop_preprocess_advice(record: logging.LogRecord) -> bool:
+    """onnxruntime's quantiser logs per-tensor notes and advice for static quantisation on the root logger."""
+    return record.levelno >= logging.ERROR or not (record.name == "root" or "quantiz" in record.getMessage().lower())
+
+
+def _quantize_file(src: Path, dst: Path, meta: Mapping[str, Any]) -> float:
+    """ONNX Runtime dynamic int8 of ``src`` into ``dst`` (signed per-channel weights, 7-bit range); seconds taken."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    root = logging.getLogger()
+    root.addFilter(_drop_preprocess_advice)  # quantize_dynamic logs advice for static quantisation
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    finally:
+        root.removeFilter(_drop_preprocess_advice)
+    _set_metadata(dst, {**meta, "precision": "int8"})
+    return round(time.perf_counter() - t0, 2)
+
+
+def _int8_verdict(block: dict, report: dict, quantize: bool | None, min_cos: float, max_drop: float) -> dict:
+    """Fill ``p@10_drop``, ``kept`` and ``reason`` of an int8 block: the same rule for both towers."""
+    p_ref, p_q = report["fp32"]["p@10"], block["p@10"]
+    drop = None if p_ref is None or p_q is None else round(p_ref - p_q, 4)
+    block["p@10_drop"] = drop
+    within = block["cosine_mean"] >= min_cos and (drop is None or drop <= max_drop)
+    cost = (f"cosine to PyTorch {block['cosine_mean']:.4f} (min {block['cosine_min']:.4f}), "
+            f"P@10 {'n/a' if drop is None else f'{p_q:.3f} vs {p_ref:.3f}'}, "
+            f"{block['encode_ms']:.1f} vs {report['fp32']['encode_ms']:.1f} ms")
+    if quantize is None:
+        block["kept"] = within
+        block["reason"] = ("within" if within else "over") + f" tolerance: {cost}"
+    else:
+        block["kept"] = True
+        block["reason"] = f"requested: {cost}"
+        if not within:
+            logger.warning("int8 model is over the tolerance (%s) but was requested; check its cost", cost)
+    return block
+
+
+def _torchscript_export(module: torch.nn.Module, args: tuple, path: Path, name: str, opset: int, *,
+                        input_names: list[str], dynamic_axes: dict) -> float:
+    """``torch.onnx.export`` (TorchScript exporter) with its deprecation noise silenced; seconds taken."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=".*dynamo.*|.*TorchScript.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=[ONNX_OUTPUT],
+                              dynamic_axes=dynamic_axes, opset_version=int(opset), do_constant_folding=True,
+                              dynamo=False)
+        except Exception as err:  # the exporter raises many types; all mean "this model does not export"
+            raise ExportError(f"{name}: torch.onnx.export failed at opset {opset} "
+                              f"({type(err).__name__}: {err})") from err
+    return time.perf_counter() - t0
+
+
+def _cleanup(out: Path) -> None:
+    for stray in out.parent.glob(f".{out.stem}.{os.getpid()}.tmp*"):  # onnxruntime's side files
+        stray.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- image tower
+
+
+class _NormalizedTower(torch.nn.Module):
+    """The image tower with the L2 normalisation, as one module to export."""
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.visual(pixel_values), dim=-1)
+
+
+def _resolve_source(source: Any, vision_model: str | None, text_model: str | None) -> tuple[torch.nn.Module, str, str | None]:
+    """(image tower on the CPU in fp32, description, fingerprint or None) of what export_onnx was given."""
+    from .encoders import ImageEncoder, load_encoder
+
+    if isinstance(source, (str, os.PathLike)):
+        kwargs = {k: v for k, v in (("vision_model", vision_model), ("text_model", text_model)) if v}
+        source = load_encoder(source, device="cpu", precision="fp32", **kwargs)
+    if isinstance(source, ImageEncoder):
+        if source.model is None or not hasattr(source.model, "visual"):
+            raise ExportError(f"{source.name}: only cn_clip students can be exported (got {source!r})")
+        visual, name, fingerprint = source.model.visual, str(source.info.get("spec", source.name)), source.fingerprint()
+    elif isinstance(source, torch.nn.Module):
+        model = getattr(source, "module", source)
+        visual, name, fingerprint = getattr(model, "visual", model), type(model).__name__, None
+    else:
+        raise TypeError(f"export_onnx needs a checkpoint path, a model spec, an ImageEncoder or a CLIP module, "
+                        f"got {type(source).__name__}")
+    if not hasattr(visual, "input_resolution") or not hasattr(visual, "output_dim"):
+        raise ExportError(f"{name}: not a cn_clip image tower (no input_resolution/output_dim)")
+    return copy.deepcopy(visual).to("cpu", torch.float32).eval(), name, fingerprint
+
+
+def _quantize_image(src: Path, dst: Path, meta: dict, pixels: np.ndarray, ref: np.ndarray, labels: Sequence[str],
+                    report: dict, quantize: bool | None, threads: int | None, timing_runs: int, max_drop: float,
+                    min_cos: float) -> dict:
+    """Dynamic int8 of the image model ``src`` into ``dst``, measured against PyTorch; decides whether it is kept."""
+    quantize_s = _quantize_file(src, dst, meta)
+    enc = OnnxEncoder(dst, threads=threads)
+    got = _batched(enc.encode, pixels)
+    cos = (got * ref).sum(1)
+    block = {"mb": round(dst.stat().st_size / 2 ** 20, 2), "cosine_min": float(cos.min()),
+             "cosine_mean": float(cos.mean()), "encode_ms": _median_ms(enc.encode, pixels[:1], timing_runs),
+             **_metric_fields(_category_metrics(got, labels)), "quantize_s": quantize_s}
+    return _int8_verdict(block, report, quantize, min_cos, max_drop)
+
+
+def export_onnx(
+    source: Any,
+    out_path: str | os.PathLike,
+    *,
+    quantize: bool | None = None,
+    opset: int = 17,
+    images: str | os.PathLike | None = None,
+    max_images: int | None = 1000,
+    min_cosine: float = 0.999,
+    int8_max_p10_drop: float = 0.02,
+    int8_min_cosine: float = 0.99,
+    threads: int | None = None,
+    timing_runs: int = 5,
+    seed: int = 0,
+    vision_model: str | None = None,
+    text_model: str | None = None,
+) -> dict:
+    """Export a student's image encoder to ONNX, check it on real photos, optionally quantise to int8.
+
+    The graph takes ``pixel_values`` ``[batch, 3, R, R]`` (float32,
+    :func:`cnclip_kd.deploy.to_pixels`) and returns ``embeddings`` ``[batch, D]``,
+    **already L2-normalised** (the normalisation is inside the graph); the batch
+    axis is dynamic. Exported with the TorchScript exporter (``dynamo=False``)
+    at ``opset`` ≥ 14.
+
+    Checks, on ``images`` (default: the embedded sample data, 600 photos):
+    cosine between ONNX and PyTorch embeddings (fp32 must reach ``min_cosine``
+    on every image, or :class:`ExportError` and nothing is written), category
+    P@10 (leave-one-out image→image) of PyTorch, fp32 and int8, and the batch-1
+    encode time of each. int8 is ONNX Runtime's dynamic quantisation with
+    signed 8-bit per-channel weights, 7-bit range (``reduce_range``: CPUs
+    without VNNI multiply u8×s8 with 16-bit saturation, which costs accuracy
+    at full range).
+
+    Files (each written to a temp name and renamed into place): ``out_path``,
+    ``<stem>.int8.onnx`` (when kept) and ``<stem>.report.json`` (the returned report).
+
+    Args:
+        source: A student checkpoint path or spec (:func:`cnclip_kd.encoders.load_encoder`),
+            an :class:`~cnclip_kd.encoders.ImageEncoder` of a student, or a cn_clip ``CLIP`` module.
+        out_path: The fp32 ``.onnx`` file.
+        quantize: ``True``: also write int8; ``False``: fp32 only; ``None`` (default): write
+            int8 and keep it only when its measured cost is within ``int8_max_p10_drop``
+            (absolute category P@10) and ``int8_min_cosine`` (mean cosine to PyTorch).
+        opset: ONNX opset (≥ 14).
+        images: A photo folder or manifest for the checks (default: the sample data).
+        max_images: Use a seeded random subset of at most this many photos (``None``: all).
+            The P@10 compares fp32 with int8 on the same photos; it is not a held-out evaluation.
+        min_cosine: Lowest fp32 cosine to PyTorch accepted on any photo.
+        int8_max_p10_drop: See ``quantize=None``.
+        int8_min_cosine: See ``quantize=None``.
+        threads: ONNX Runtime / torch threads for the checks and timings.
+        timing_runs: Batch-1 timings per model (median reported).
+        seed: Seeds the photo subset.
+        vision_model: Architecture of a checkpoint that does not record it.
+        text_model: Likewise.
+
+    Returns:
+        The report: ``onnx``, ``report``, ``opset``, ``resolution``, ``dim``, ``l2_normalized``,
+        ``dynamic_batch``, ``source``, ``fingerprint``, ``n_images``, ``images``, ``threads``,
+        ``torch`` / ``fp32`` / ``int8`` blocks (``path``, ``mb``, ``cosine_min``, ``cosine_mean``,
+        ``p@10``, ``map@10``, ``encode_ms``), ``int8["kept"]`` and ``int8["reason"]``.
+
+    Raises:
+        ExportError: Export failed, or fp32 disagrees with PyTorch.
+        ValueError: ``opset`` < 14.
+    """
+    import onnxruntime  # noqa: F401  (fail early when it is missing)
+
+    if opset < 14:
+        raise ValueError(f"opset {opset} < 14: scaled_dot_product_attention needs opset ≥ 14")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    q_out, report_path = int8_path(out), out.with_name(f"{out.stem}.report.json")
+    visual, name, fingerprint = _resolve_source(source, vision_model, text_model)
+    _set_torch_threads(threads)
+    resolution, dim = int(visual.input_resolution), int(visual.output_dim)
+    wrapper = _NormalizedTower(visual).eval()
+
+    pics, records = _check_records(images, max_images, seed)
+    labels = [rec.label for rec in records]
+    pixels = np.stack([to_pixels(p, resolution) for p in pics])
+
+    def torch_encode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return wrapper(torch.from_numpy(x)).numpy()
+
+    ref = _batched(torch_encode, pixels)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
+    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
+    try:
+        export_s = _torchscript_export(wrapper, (torch.from_numpy(pixels[:2].copy()),), tmp, name, opset,
+                                       input_names=[ONNX_INPUT],
+                                       dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
+        meta = {"kind": "image", "resolution": resolution, "dim": dim, "l2_normalized": 1, "mean": list(CLIP_MEAN),
+                "std": list(CLIP_STD), "fingerprint": fingerprint or "", "source": name, "precision": "fp32"}
+        _set_metadata(tmp, meta)
+        fp32 = OnnxEncoder(tmp, threads=threads)
+        # Mixed batch sizes: the dynamic axis is exercised, not just batch 32.
+        got = np.concatenate([fp32.encode(pixels[:1]), _batched(fp32.encode, pixels[1:], 7)]) if len(pixels) > 1 \
+            else fp32.encode(pixels)
+        cos = (got * ref).sum(1)
+        if float(cos.min()) < min_cosine:
+            worst = int(np.argmin(cos))
+            raise ExportError(f"{name}: the ONNX model disagrees with PyTorch: cosine {cos.min():.6f} < {min_cosine} "
+                              f"on image {worst} (mean {cos.mean():.6f}); not written")
+
+        torch_metrics, fp32_metrics = _category_metrics(ref, labels), _category_metrics(got, labels)
+        one = pixels[:1]
+        report: dict[str, Any] = {
+            "onnx": str(out.resolve()), "report": str(report_path.resolve()), "opset": int(opset),
+            "resolution": resolution, "dim": dim, "l2_normalized": True, "dynamic_batch": True,
+            "source": name, "fingerprint": fingerprint, "n_images": len(pics),
+            "images": str(images or "sample_data"), "threads": threads or torch.get_num_threads(),
+            "export_s": round(export_s, 2),
+            "torch": {"encode_ms": _median_ms(torch_encode, one, timing_runs), **_metric_fields(torch_metrics)},
+            "fp32": {"path": str(out.resolve()), "mb": round(tmp.stat().st_size / 2 ** 20, 2),
+                     "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+                     "encode_ms": _median_ms(fp32.encode, one, timing_runs), **_metric_fields(fp32_metrics)},
+        }
+        del fp32
+        if quantize is not False:
+            report["int8"] = _quantize_image(tmp, tmp_q, meta, pixels, ref, labels, report, quantize, threads,
+                                             timing_runs, int8_max_p10_drop, int8_min_cosine)
+            report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
+        _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_q.unlink(missing_ok=True)
+        _cleanup(out)
+    logger.info("exported %s: fp32 cosine ≥ %.5f%s", out, report["fp32"]["cosine_min"],
+                f"; int8 {'kept' if report['int8']['kept'] else 'not kept'} ({report['int8']['reason']})"
+                if "int8" in report else "")
+    return report
+
+
+def _put_in_place(out: Path, tmp: Path, q_out: Path, tmp_q: Path, report_path: Path, report: dict,
+                  quantize: bool | None) -> None:
+    """Rename the checked files into place; an int8 file of an older export is removed when none is kept."""
+    os.replace(tmp, out)
+    if quantize is not False and report["int8"]["kept"]:
+        os.replace(tmp_q, q_out)
+    elif q_out.exists():
+        q_out.unlink()  # an older int8 file would no longer match the fp32 one
+    atomic_write_json(report_path, report)
+
+
+# --------------------------------------------------------------------------- text tower
+
+
+class _TextTower(torch.nn.Module):
+    """cn_clip's ``CLIP.encode_text`` with the L2 normalisation, as one module to export.
+
+    The attention mask is computed from the ids (``[PAD]`` is id 0), as ``encode_text`` does,
+    so the graph takes only ``input_ids`` and zero padding never changes the embedding.
+    """
+
+    def __init__(self, bert: torch.nn.Module, text_projection: torch.Tensor, pad_id: int = 0):
+        super().__init__()
+        self.bert = bert
+        self.text_projection = torch.nn.Parameter(text_projection.detach().clone(), requires_grad=False)
+        self.pad_id = int(pad_id)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = input_ids.ne(self.pad_id).to(self.text_projection.dtype)
+        hidden = self.bert(input_ids, attention_mask=mask)[0]
+        return torch.nn.functional.normalize(hidden[:, 0, :] @ self.text_projection, dim=-1)
+
+
+def _clip_image_fn(clip: torch.nn.Module) -> Callable[[Sequence[Image.Image]], np.ndarray] | None:
+    """Photos → L2-normalised features of a cn_clip model's image tower (CPU fp32), or None without one."""
+    visual = getattr(clip, "visual", None)
+    if visual is None or not hasattr(visual, "input_resolution") or not hasattr(clip, "encode_image"):
+        return None
+    resolution = int(visual.input_resolution)
+    device = next(clip.parameters()).device
+
+    def encode(pics: Sequence[Image.Image]) -> np.ndarray:
+        x = torch.from_numpy(np.stack([to_pixels(p, resolution) for p in pics])).to(device)
+        with torch.no_grad():
+            feats = clip.encode_image(x.to(next(visual.parameters()).dtype))
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    return encode
+
+
+def _resolve_text_source(source: Any, context_length: int | None, vision_model: str | None,
+                         text_model: str | None):
+    """(TextEncoder, cn_clip CLIP module, description, image fingerprint or None, image feature fn or None)."""
+    from .encoders import ImageEncoder, TextEncoder, load_encoder, text_encoder_for
+    from .models import image_transform
+
+    image_fingerprint, image_fn = None, None
+    if isinstance(source, (str, os.PathLike)):
+        kwargs = {k: v for k, v in (("vision_model", vision_model), ("text_model", text_model)) if v}
+        source = load_encoder(source, device="cpu", precision="fp32", **kwargs)
+    if isinstance(source, ImageEncoder):
+        image_fingerprint = source.fingerprint()
+        image_fn = source.encode_pil
+        name = str(source.info.get("spec", source.name))
+        text = text_encoder_for(source, context_length=context_length)  # NoTextTowerError names the model
+    elif isinstance(source, TextEncoder):
+        text, name = source, str(source.info.get("spec", source.name))
+    elif isinstance(source, torch.nn.Module):
+        model = getattr(source, "module", source)
+        if not hasattr(model, "encode_text"):
+            raise ExportError(f"{type(model).__name__}: not a cn_clip CLIP module (no encode_text)")
+        name = type(model).__name__
+        resolution = int(getattr(getattr(model, "visual", None), "input_resolution", 224))
+        wrapper = ImageEncoder(model.encode_image if hasattr(model, "encode_image") else model.encode_text,
+                               name=name, dim=int(model.text_projection.shape[1]),
+                               transform=image_transform(resolution), device=next(model.parameters()).device,
+                               fingerprint="", model=model)
+        text = text_encoder_for(wrapper, context_length=context_length)
+    else:
+        raise TypeError(f"export_text_onnx needs a checkpoint path, a model spec, a TextEncoder, an ImageEncoder "
+                        f"or a CLIP module, got {type(source).__name__}")
+    clip = text.model
+    if clip is None or not hasattr(clip, "bert") or not hasattr(clip, "text_projection"):
+        raise ExportError(f"{name}: only cn_clip text towers (BERT + text_projection) can be exported; "
+                          f"{type(clip).__name__} is not one")
+    if image_fn is None:
+        image_fn = _clip_image_fn(clip)
+    return text, clip, name, image_fingerprint, image_fn
+
+
+def _check_texts(records: Sequence, texts: Sequence[str] | None) -> tuple[list[str], list[str], int]:
+    """(check texts, their categories ('' for the fixed queries), number of captions among them)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if texts is not None:
+        captions, labels = [str(t) for t in texts], [""] * len(texts)
+    else:
+        pairs = list(dict.fromkeys((t, rec.label) for rec in records for t in rec.texts if t.strip()))
+        captions, labels = [t for t, _ in pairs], [lab for _, lab in pairs]
+    extra = [q for q in CHECK_QUERIES if q not in captions]
+    return captions + extra, labels + [""] * len(extra), len(captions)
+
+
+def export_text_onnx(
+    source: Any,
+    out_path: str | os.PathLike,
+    *,
+    quantize: bool | None = None,
+    opset: int = 17,
+    texts: Sequence[str] | None = None,
+    images: str | os.PathLike | None = None,
+    max_images: int | None = 1000,
+    context_length: int | None = None,
+    min_cosine: float = 0.999,
+    int8_max_p10_drop: float = 0.02,
+    int8_min_cosine: float = 0.99,
+    threads: int | None = None,
+    timing_runs: int = 5,
+    seed: int = 0,
+    vision_model: str | None = None,
+    text_model: str | None = None,
+) -> dict:
+    """Export a model's text encoder to ONNX, check it against PyTorch, optionally quantise to int8.
+
+    The graph takes ``input_ids`` ``[batch, seq]`` (int64, cn_clip's tokenizer:
+    ``[CLS]`` … ``[SEP]``, zero padding; :func:`cnclip_kd.tokenizer.tokenize`) with
+    **both axes dynamic**: a query is fed at its own length (padding is masked,
+    so trimming it gives the same embedding for less work), at most the context
+    length. The attention mask is computed inside the graph (``input_ids != 0``)
+    and the output ``embeddings`` ``[batch, D]`` are **L2-normalised inside the
+    graph**. Exported with the TorchScript exporter (``dynamo=False``) at
+    ``opset`` ≥ 14. Metadata (``cnclip_kd.*``): ``kind`` (``text``),
+    ``context_length``, ``dim``, ``fingerprint`` (the text tower's,
+    :meth:`cnclip_kd.encoders.TextEncoder.fingerprint`, what an index records as
+    ``text_fingerprint``), ``image_fingerprint`` (the same model's image tower,
+    when known), ``precision``, ``l2_normalized``, ``source``.
+
+    Checks, before anything is written: the cosine between ONNX and PyTorch
+    embeddings of every check text (fp32 must reach ``min_cosine`` on each, or
+    :class:`ExportError` and nothing is written), run in mixed batch sizes and
+    padded lengths. Check texts: the captions of ``images`` (default: the
+    sample data's manifest; one per distinct caption) plus :data:`CHECK_QUERIES`
+    (Latin, digits, emoji, mixed scripts, a text longer than the context
+    length). Measured per precision (PyTorch, fp32, int8): category-level
+    text→image P@10 / mAP@10 (each caption queries the photos, a hit is a photo
+    of its category; the photo embeddings come from the same model's image
+    tower in PyTorch) and the batch-1 encode time of a short query and of one
+    that fills the context.
+
+    int8 is ONNX Runtime's dynamic quantisation (signed 8-bit per-channel
+    weights, 7-bit range as the image export). With ``quantize=None`` it is
+    **kept only when its mean cosine to PyTorch is ≥ ``int8_min_cosine``
+    (0.99) and its text→image P@10 is at most ``int8_max_p10_drop`` (0.02)
+    below fp32's**; otherwise it is measured, reported and not written.
+
+    Files (each written to a temp name and renamed into place): ``out_path``,
+    ``<stem>.int8.onnx`` (when kept) and ``<stem>.report.json`` (the returned report).
+
+    Args:
+        source: A checkpoint path or model spec (:func:`cnclip_kd.encoders.load_encoder`), a
+            :class:`~cnclip_kd.encoders.TextEncoder` from :func:`~cnclip_kd.encoders.load_text_encoder`,
+            an :class:`~cnclip_kd.encoders.ImageEncoder` of a model with a text tower, or a cn_clip
+            ``CLIP`` module.
+        out_path: The fp32 ``.onnx`` file, e.g. ``out/deploy/text_encoder.onnx``.
+        quantize: ``True``: also write int8; ``False``: fp32 only; ``None`` (default): see above.
+        opset: ONNX opset (≥ 14).
+        texts: Check texts instead of the captions of ``images`` (:data:`CHECK_QUERIES` are
+            always added); they have no category, so no P@10 is measured.
+        images: A photo folder or manifest (default: the sample data): its captions, categories
+            and photos.
+        max_images: A seeded random subset of at most this many records (``None``: all).
+        context_length: Tokens per text (default: the checkpoint's, else cn_clip's 52).
+        min_cosine: Lowest fp32 cosine to PyTorch accepted on any check text.
+        int8_max_p10_drop: See ``quantize=None``.
+        int8_min_cosine: See ``quantize=None``.
+        threads: ONNX Runtime / torch threads for the checks and timings.
+        timing_runs: Batch-1 timings per model (median reported).
+        seed: Seeds the subset.
+        vision_model: Architecture of a checkpoint that does not record it.
+        text_model: Likewise.
+
+    Returns:
+        The report: ``onnx``, ``report``, ``kind`` (``"text"``), ``opset``, ``context_length``,
+        ``dim``, ``l2_normalized``, ``dynamic_axes``, ``source``, ``fingerprint``,
+        ``image_fingerprint``, ``n_texts``, ``n_captions``, ``n_images``, ``images``, ``threads``,
+        ``export_s``, ``timing_texts``, and ``torch`` / ``fp32`` / ``int8`` blocks (``path``, ``mb``,
+        ``cosine_min``, ``cosine_mean``, ``p@10``, ``map@10``, ``encode_ms`` (short query),
+        ``encode_ms_full`` (full context)); ``int8`` also ``p@10_drop``, ``kept`` and ``reason``.
+
+    Raises:
+        ExportError: Not a cn_clip text tower, export failed, or fp32 disagrees with PyTorch.
+        cnclip_kd.encoders.NoTextTowerError: The model has no text tower (e.g. an EfficientNet teacher).
+        ValueError: ``opset`` < 14.
+    """
+    import onnxruntime  # noqa: F401  (fail early when it is missing)
+
+    from .tokenizer import tokenize
+
+    if opset < 14:
+        raise ValueError(f"opset {opset} < 14: scaled_dot_product_attention needs opset ≥ 14")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    q_out, report_path = int8_path(out), out.with_name(f"{out.stem}.report.json")
+    text_enc, clip, name, image_fingerprint, image_fn = _resolve_text_source(source, context_length, vision_model,
+                                                                             text_model)
+    _set_torch_threads(threads)
+    length, dim, fingerprint = text_enc.context_length, int(text_enc.dim), text_enc.fingerprint()
+    pad_id = 0
+    wrapper = _TextTower(copy.deepcopy(clip.bert).to("cpu", torch.float32).eval(),
+                         clip.text_projection.to("cpu", torch.float32), pad_id).eval()
+
+    pics, records = _check_records(images, max_images, seed) if texts is None else ([], [])
+    check, check_labels, n_captions = _check_texts(records, texts)
+    image_labels = [rec.label for rec in records]
+    image_feats = _batched(image_fn, pics) if image_fn is not None and pics else None
+    cap_labels = check_labels[:n_captions]
+
+    def torch_ids(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return wrapper(torch.from_numpy(ids)).numpy()
+
+    if text_enc.device.type == "cpu" and text_enc.autocast_dtype is None:
+        ref = text_enc.encode(check, batch_size=32)  # the kit's own PyTorch path
+    else:
+        ref = _batched(lambda ts: torch_ids(tokenize(ts, length, pad_to_context=False).ids), check)
+    short, full = CHECK_QUERIES[0], CHECK_QUERIES[-1]
+    one_short = tokenize(short, length, pad_to_context=False).ids
+    one_full = tokenize(full, length, pad_to_context=False).ids
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
+    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
+    try:
+        example = tokenize([short, "T-shirt 42码"], length, pad_to_context=False).ids
+        export_s = _torchscript_export(wrapper, (torch.from_numpy(example),), tmp, name, opset,
+                                       input_names=[ONNX_TEXT_INPUT],
+                                       dynamic_axes={ONNX_TEXT_INPUT: {0: "batch", 1: "sequence"},
+                                                     ONNX_OUTPUT: {0: "batch"}})
+        meta = {"kind": "text", "context_length": length, "dim": dim, "l2_normalized": 1, "pad_id": pad_id,
+                "fingerprint": fingerprint or "", "image_fingerprint": image_fingerprint or "", "source": name,
+                "precision": "fp32"}
+        _set_metadata(tmp, meta)
+        fp32 = OnnxTextEncoder(tmp, threads=threads)
+
+        def measure(enc: OnnxTextEncoder) -> tuple[np.ndarray, np.ndarray, dict]:
+            # Batch 1 first, then batches of 7: the dynamic axes (batch and padded length) are exercised.
+            got = np.concatenate([enc.encode(check[:1]), _batched(enc.encode, check[1:], 7)]) if len(check) > 1 \
+                else enc.encode(check)
+            cos = (got * ref).sum(1)
+            fields = _metric_fields(_text_to_image_metrics(got[:n_captions], cap_labels, image_feats, image_labels))
+            return got, cos, {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **fields,
+                              "encode_ms": _median_ms(enc.encode_ids, one_short, timing_runs),
+                              "encode_ms_full": _median_ms(enc.encode_ids, one_full, timing_runs)}
+
+        _, cos, fp32_block = measure(fp32)
+        if float(cos.min()) < min_cosine:
+            worst = int(np.argmin(cos))
+            raise ExportError(f"{name}: the ONNX text model disagrees with PyTorch: cosine {cos.min():.6f} < "
+                              f"{min_cosine} on text {worst} ({check[worst][:40]!r}; mean {cos.mean():.6f}); "
+                              "not written")
+        torch_metrics = _text_to_image_metrics(ref[:n_captions], cap_labels, image_feats, image_labels)
+        report: dict[str, Any] = {
+            "onnx": str(out.resolve()), "report": str(report_path.resolve()), "kind": "text", "opset": int(opset),
+            "context_length": length, "dim": dim, "l2_normalized": True,
+            "dynamic_axes": {"input_ids": ["batch", "sequence"], "embeddings": ["batch"]},
+            "source": name, "fingerprint": fingerprint, "image_fingerprint": image_fingerprint,
+            "n_texts": len(check), "n_captions": n_captions,
+            "n_images": len(pics) if image_feats is not None else 0, "images": str(images or "sample_data"),
+            "threads": threads or torch.get_num_threads(), "export_s": round(export_s, 2),
+            "timing_texts": {"short": short, "short_tokens": int(one_short.shape[1]),
+                             "full_tokens": int(one_full.shape[1])},
+            "torch": {"encode_ms": _median_ms(torch_ids, one_short, timing_runs),
+                      "encode_ms_full": _median_ms(torch_ids, one_full, timing_runs), **_metric_fields(torch_metrics)},
+            "fp32": {"path": str(out.resolve()), "mb": round(tmp.stat().st_size / 2 ** 20, 2), **fp32_block},
+        }
+        del fp32
+        if quantize is not False:
+            quantize_s = _quantize_file(tmp, tmp_q, meta)
+            _, _, block = measure(OnnxTextEncoder(tmp_q, threads=threads))
+            block = {"mb": round(tmp_q.stat().st_size / 2 ** 20, 2), **block, "quantize_s": quantize_s}
+            report["int8"] = _int8_verdict(block, report, quantize, int8_min_cosine, int8_max_p10_drop)
+            report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
+        _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_q.unlink(missing_ok=True)
+        _cleanup(out)
+    logger.info("exported text encoder %s: fp32 cosine ≥ %.5f%s", out, report["fp32"]["cosine_min"],
+                f"; int8 {'kept' if report['int8']['kept'] else 'not kept'} ({report['int8']['reason']})"
+                if "int8" in report else "")
+    return report
