@@ -24,6 +24,7 @@ onnxscript) at opset ≥ 14 (cn_clip's own exporter uses 13, where
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -223,9 +224,25 @@ def _torchscript_export(module: torch.nn.Module, args: tuple, path: Path, name: 
     return time.perf_counter() - t0
 
 
-def _cleanup(out: Path) -> None:
-    for stray in out.parent.glob(f".{out.stem}.{os.getpid()}.tmp*"):  # onnxruntime's side files
-        stray.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _staging(out: Path):
+    """Temp names beside ``out`` for the fp32 and int8 files (checked there, then renamed into place);
+    whatever is left of them — and onnxruntime's side files — is removed on the way out."""
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
+    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
+    try:
+        yield tmp, tmp_q
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_q.unlink(missing_ok=True)
+        for stray in out.parent.glob(f".{out.stem}.{os.getpid()}.tmp*"):
+            stray.unlink(missing_ok=True)
+
+
+def _log_export(what: str, out: Path, report: Mapping[str, Any]) -> None:
+    int8 = report.get("int8")
+    logger.info("exported %s %s: fp32 cosine ≥ %.5f%s", what, out, report["fp32"]["cosine_min"],
+                f"; int8 {'kept' if int8['kept'] else 'not kept'} ({int8['reason']})" if int8 else "")
 
 
 # --------------------------------------------------------------------------- image tower
@@ -366,9 +383,7 @@ def export_onnx(
             return wrapper(torch.from_numpy(x)).numpy()
 
     ref = _batched(torch_encode, pixels)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
-    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
-    try:
+    with _staging(out) as (tmp, tmp_q):
         export_s = _torchscript_export(wrapper, (torch.from_numpy(pixels[:2].copy()),), tmp, name, opset,
                                        input_names=[ONNX_INPUT],
                                        dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
@@ -404,13 +419,7 @@ def export_onnx(
                                              timing_runs, int8_max_p10_drop, int8_min_cosine)
             report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
         _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_q.unlink(missing_ok=True)
-        _cleanup(out)
-    logger.info("exported %s: fp32 cosine ≥ %.5f%s", out, report["fp32"]["cosine_min"],
-                f"; int8 {'kept' if report['int8']['kept'] else 'not kept'} ({report['int8']['reason']})"
-                if "int8" in report else "")
+    _log_export("image encoder", out, report)
     return report
 
 
@@ -642,9 +651,7 @@ def export_text_onnx(
     short, full = CHECK_QUERIES[0], CHECK_QUERIES[-1]
     one_short = tokenize(short, length, pad_to_context=False).ids
     one_full = tokenize(full, length, pad_to_context=False).ids
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
-    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
-    try:
+    with _staging(out) as (tmp, tmp_q):
         example = tokenize([short, "T-shirt 42码"], length, pad_to_context=False).ids
         export_s = _torchscript_export(wrapper, (torch.from_numpy(example),), tmp, name, opset,
                                        input_names=[ONNX_TEXT_INPUT],
@@ -695,11 +702,5 @@ def export_text_onnx(
             report["int8"] = _int8_verdict(block, report, quantize, int8_min_cosine, int8_max_p10_drop)
             report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
         _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_q.unlink(missing_ok=True)
-        _cleanup(out)
-    logger.info("exported text encoder %s: fp32 cosine ≥ %.5f%s", out, report["fp32"]["cosine_min"],
-                f"; int8 {'kept' if report['int8']['kept'] else 'not kept'} ({report['int8']['reason']})"
-                if "int8" in report else "")
+    _log_export("text encoder", out, report)
     return report
