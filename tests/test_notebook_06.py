@@ -79,6 +79,8 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
     assert text_backends == ["torch-text", "onnx-text-fp32"] + (["onnx-text-int8"] if text_int8["kept"] else [])
     for row in rec["text_latency"]:
         assert row["n"] == 4 and 0 < row["total"]["p50"] <= row["total"]["p95"]
+    with Image.open(rec["text_figure"]) as fig:  # the text query's Top-10 picture
+        assert fig.format == "PNG" and fig.width > fig.height
 
 
 def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_dir, data_dir, tmp_path):
