@@ -79,20 +79,8 @@ ONNX_TEXT_INPUT = "input_ids"
 _META = "cnclip_kd."
 _MEAN = np.asarray(CLIP_MEAN, np.float32).reshape(3, 1, 1)
 _STD = np.asarray(CLIP_STD, np.float32).reshape(3, 1, 1)
-# Names that moved to cnclip_kd.export (which imports torch); still importable from here.
-_MOVED_TO_EXPORT = ("ExportError", "export_onnx", "export_text_onnx", "int8_path")
 
 QuerySource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
-
-
-def __getattr__(name: str):
-    """``from cnclip_kd.deploy import export_onnx`` (and ``ExportError``, ``int8_path``,
-    ``export_text_onnx``) keeps working: they live in :mod:`cnclip_kd.export`, imported on first use."""
-    if name in _MOVED_TO_EXPORT:
-        from . import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- preprocessing
