@@ -9,6 +9,8 @@ Each sub-command calls the same package function its notebook calls::
     cnclip-kd eval out/index/demo out/index/teacher
     cnclip-kd export CKPT out/deploy/image_encoder.onnx --text-out out/deploy/text_encoder.onnx
     cnclip-kd search --index out/index/demo --text 白色连衣裙 --text-model out/deploy/text_encoder.onnx
+    cnclip-kd serve --index out/index/demo --model out/deploy/image_encoder.onnx \
+        --text-model out/deploy/text_encoder.onnx
 """
 
 from __future__ import annotations
@@ -316,11 +318,89 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``cnclip-kd`` argument parser with all sub-commands."""
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP search service over a saved index and ONNX encoders (FastAPI + uvicorn)",
+                       description="Serve POST /search (image or q= text), GET /images/{id}, /healthz, /metrics "
+                                   "(Prometheus) and POST /admin/reload (index hot swap; SIGHUP does the same) "
+                                   "over a saved index folder and the exported ONNX encoders; torch is not "
+                                   "loaded. OpenAPI page at /docs.")
+    p.add_argument("--index", required=True, help="index folder written by `cnclip-kd index` / notebook 03")
+    p.add_argument("--model", required=True, help="image encoder .onnx (cnclip-kd export)")
+    p.add_argument("--text-model", default=None, help="text encoder .onnx (cnclip-kd export --text-out); "
+                                                      "without it text queries answer no_text_tower")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1; each loads the index and encoders; with more than one, "
+                        "SIGHUP restarts the workers one by one and /admin/reload reloads only the worker "
+                        "that answers it)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per ONNX session")
+    p.add_argument("--pool", type=int, default=None, help="queries computed at once per worker "
+                                                          "(default: CPU cores / threads)")
+    p.add_argument("--max-queue", type=int, default=None, help="queries admitted at once per worker; more get "
+                                                               "503 busy (default 4 × pool)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest query image in pixels (default 50M)")
+    p.add_argument("--timeout", type=float, default=30.0, help="limit on computing one query, in seconds "
+                                                               "(default 30; then 504 timeout)")
+    p.add_argument("--body-timeout", type=float, default=None, help="limit on receiving a request body, in "
+                                                                    "seconds (default: --timeout; then 408)")
+    p.add_argument("--api-key-file", default=None, help="file holding the API key that /search, /images and "
+                                                        "/admin need (header X-API-Key)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    import uvicorn
+
+    from .serve import DEFAULT_MAX_PIXELS, SERVE_ENV, create_app, reload_from_signal
+
+    api_key = None
+    if args.api_key_file:
+        api_key = open(args.api_key_file, encoding="utf-8").read().strip()
+        if not api_key:
+            logger.error("%s: empty API key file", args.api_key_file)
+            return 2
+    settings = {"index_dir": args.index, "encoder": args.model, "text_encoder": args.text_model,
+                "api_key": api_key, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
+                "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "request_timeout_s": args.timeout,
+                "body_timeout_s": args.body_timeout,
+                "max_queue": args.max_queue, "threads": args.threads, "pool_size": args.pool}
+    if args.workers > 1:
+        # Each worker process builds its own app (uvicorn needs an import string for that).
+        os.environ[SERVE_ENV] = json.dumps(settings)
+        uvicorn.run("cnclip_kd.serve:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="info", timeout_graceful_shutdown=10)
+        return 0
+    try:
+        app = create_app(**settings)  # loads here: a bad index or model fails before the port opens
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+
+    def on_hup(signum, frame):  # runs in the main thread, which is the event loop's
+        loop = app.state.service.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(reload_from_signal(app)))
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
+    logger.info("serving %s on http://%s:%d (docs at /docs)", args.index, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
+def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
+    """The ``cnclip-kd`` argument parser with all sub-commands (``serve_only``: just ``serve``, whose
+    path must not import torch, which the ``train`` flags need)."""
     parser = argparse.ArgumentParser(prog="cnclip-kd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    if serve_only:
+        _add_serve(sub)
+        return parser
     _add_prepare(sub)
     _add_train(sub)
     _add_export_teacher(sub)
@@ -328,16 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_search(sub)
     _add_export(sub)
+    _add_serve(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnclip-kd`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(serve_only=command == "serve").parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .data import DataError
     from .images import BadImageError
+
+    if args.command == "serve":  # the server's path imports no torch (.models, .teachers and .train would)
+        try:
+            return args.func(args)
+        except (DataError, BadImageError, FileNotFoundError) as err:
+            logger.error("%s", err)
+            return 2
     from .models import ModelLoadError
     from .teachers import TeacherLoadError
     from .train import NonFiniteLossError
