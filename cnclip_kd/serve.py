@@ -68,7 +68,7 @@ from .tokenizer import NoTextTowerError, QueryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ERROR_CODES", "ApiError", "SearchService", "create_app", "sniff_image_type"]
+__all__ = ["ERROR_CODES", "ApiError", "BackgroundServer", "SearchService", "create_app", "sniff_image_type"]
 
 #: Stable error codes → HTTP status.
 ERROR_CODES = {
@@ -716,6 +716,91 @@ async def reload_from_signal(app) -> None:
 
 # Settings of `cnclip-kd serve --workers N`: each uvicorn worker process builds its app from them.
 SERVE_ENV = "CNCLIP_KD_SERVE_CONFIG"
+
+
+class BackgroundServer:
+    """The service on 127.0.0.1 in a background thread of this process: for a notebook, where
+    ``cnclip-kd serve`` would block the kernel.
+
+    Example::
+
+        with BackgroundServer("out/index/demo", "out/deploy/image_encoder.onnx") as server:
+            status, reply = server.request("/search", body=jpeg_bytes, params={"k": 10})
+
+    Attributes:
+        app: The FastAPI application (:func:`create_app`).
+        url: ``http://127.0.0.1:<port>`` once started.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, encoder: Any, text_encoder: Any = None, *,
+                 host: str = "127.0.0.1", port: int = 0, **settings: Any):
+        """Load the service (as :func:`create_app` with ``settings``); ``port=0`` takes a free port."""
+        self.app = create_app(index_dir, encoder, text_encoder, **settings)
+        self._host, self._port = host, int(port)
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.url: str | None = None
+
+    def start(self, timeout_s: float = 60.0) -> "BackgroundServer":
+        """Start serving; returns once the port is open.
+
+        Raises:
+            RuntimeError: The server did not start within ``timeout_s``.
+        """
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=self._host, port=self._port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        # uvicorn installs signal handlers only in the main thread, so the kernel's stay as they are.
+        self._thread = threading.Thread(target=self._server.run, name="cnclip-kd-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the search service did not start on {self._host}:{self._port}")
+            time.sleep(0.05)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self._host}:{port}"
+        logger.info("search service at %s (docs at %s/docs)", self.url, self.url)
+        return self
+
+    def request(self, path: str, *, body: bytes | None = None, params: dict | None = None,
+                timeout_s: float = 60.0) -> tuple[int, Any]:
+        """One HTTP request to the running service (POST with ``body`` or ``params`` on ``/search``, else GET).
+
+        Returns:
+            ``(status, parsed JSON body)`` — error answers too (their ``error.code``), never an exception.
+        """
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        if self.url is None:
+            raise RuntimeError("start() the server first")
+        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        method = "POST" if body is not None or path.startswith("/search") else "GET"
+        req = urllib.request.Request(url, data=body if body is not None else (b"" if method == "POST" else None),
+                                     method=method, headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving (requests in flight finish first) and wait for the thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.url = None
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def app_from_env():

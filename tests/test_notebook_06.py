@@ -81,6 +81,10 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
         assert row["n"] == 4 and 0 < row["total"]["p50"] <= row["total"]["p95"]
     with Image.open(rec["text_figure"]) as fig:  # the text query's Top-10 picture
         assert fig.format == "PNG" and fig.width > fig.height
+    # The same answers over HTTP (cnclip_kd.serve in a background thread).
+    http = rec["http"]
+    assert http["health"] == 200 and http["status"] == 200 and http["text_status"] == 200
+    assert http["ids"] == rec["result_ids"] and http["text_ids"] == rec["text_result_ids"]
 
 
 def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_dir, data_dir, tmp_path):

@@ -680,3 +680,27 @@ def test_serve_load_benchmark_quick_mode(tmp_path):
     assert all(r["ok"] > 0 and r["p99"] >= r["p50"] > 0 for r in report["closed_loop"])
     assert report["open_loop"]["ok"] > 0 and report["verdicts"]["other_5xx"] == 0
     assert "| 客户端 clients |" in report["markdown"]
+
+
+# --------------------------------------------------------------------------- in a notebook
+
+
+def test_background_server_answers_and_stops(indexes, models, photo):
+    from cnclip_kd.serve import BackgroundServer
+
+    with BackgroundServer(indexes["test"], models["image"], models["text"], threads=1) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, health = server.request("/healthz")
+        assert status == 200 and health["status"] == "ok"
+        status, reply = server.request("/search", body=photo, params={"k": 5})
+        assert status == 200 and len(reply["results"]) == 5
+        status, reply = server.request("/search", params={"q": "连衣裙", "k": 3})
+        assert status == 200 and len(reply["results"]) == 3 and reply["query"]["text"] == "连衣裙"
+        status, reply = server.request("/search", params={"q": "  "})
+        assert status == 400 and reply["error"]["code"] == "empty_query"
+        url = server.url
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.URLError):  # stopped: the port no longer answers
+        urllib.request.urlopen(url + "/healthz", timeout=5)
