@@ -704,3 +704,32 @@ def test_background_server_answers_and_stops(indexes, models, photo):
 
     with pytest.raises(urllib.error.URLError):  # stopped: the port no longer answers
         urllib.request.urlopen(url + "/healthz", timeout=5)
+
+
+@pytest.mark.slow
+def test_real_server_reload_under_load_fails_no_request(server, indexes, photo):
+    """Three clients query the real server while the index is swapped to another folder, a broken one is
+    refused, and the first one comes back: every query answers 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"X-API-Key": API_KEY}
+    stop = time.monotonic() + 4  # bounded in time and count
+
+    def client_loop() -> list:
+        codes = []
+        with httpx.Client(base_url=server["base"], headers=headers, timeout=60) as http:
+            while time.monotonic() < stop and len(codes) < 200:
+                codes.append(http.post("/search?k=3", content=photo).status_code)
+        return codes
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client_loop) for _ in range(3)]
+        with httpx.Client(base_url=server["base"], headers=headers, timeout=60) as admin:
+            time.sleep(0.5)
+            swapped = admin.post("/admin/reload", params={"index_dir": str(indexes["valid"])})
+            broken = admin.post("/admin/reload", params={"index_dir": str(indexes["corrupt"])})
+            back = admin.post("/admin/reload", params={"index_dir": str(indexes["test"])})
+        codes = [c for f in futures for c in f.result()]
+    assert swapped.status_code == 200 and back.status_code == 200, (swapped.text, back.text)
+    _error(broken, 422, "bad_index")
+    assert len(codes) >= 3 and set(codes) == {200}, sorted(set(codes))
