@@ -472,6 +472,16 @@ def _raw_http(port: int, request: bytes, *, body_chunks=(), timeout: float = 30)
         return data
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn's graceful stop), then SIGKILL if it does not end within 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        proc.kill()
+        proc.wait(30)
+
+
 @pytest.fixture(scope="module")
 def server(indexes, models, tmp_path_factory):
     """`cnclip-kd serve` as a child process on a free 127.0.0.1 port; stopped (SIGTERM, then SIGKILL) after."""
@@ -500,12 +510,7 @@ def server(indexes, models, tmp_path_factory):
             time.sleep(0.25)
         yield {"base": base, "port": port, "proc": proc, "log": tmp / "server.log"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
-            proc.wait(30)
+        _stop(proc)
         log.close()
 
 
@@ -658,12 +663,7 @@ def test_real_server_survives_a_killed_worker(indexes, models, photo, tmp_path):
         assert len(workers) == 2 and victim not in workers, workers
         good()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
-            proc.wait(30)
+        _stop(proc)
         log.close()
 
 
