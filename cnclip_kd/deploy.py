@@ -180,6 +180,24 @@ def _ort_session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _open_onnx(path: Path, threads: int | None, kind: str, *, missing: str, other: str):
+    """(session, metadata, first input) of an exported encoder of ``kind`` (``"image"`` / ``"text"``).
+
+    Raises:
+        FileNotFoundError: No such file (``missing`` says how to make one).
+        ValueError: The file is the other tower's export (``other`` says what to open it with).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    session = _ort_session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map
+    inp = session.get_inputs()[0]
+    other_kind, other_input = ("text", ONNX_TEXT_INPUT) if kind == "image" else ("image", ONNX_INPUT)
+    if meta.get(_META + "kind") == other_kind or inp.name == other_input:
+        raise ValueError(f"{path}: {other}")
+    return session, meta, inp
+
+
 def _fingerprint_of(encoder: Any) -> str | None:
     """An encoder's fingerprint: an attribute on the ONNX encoders, a method on the kit's PyTorch ones."""
     fp = getattr(encoder, "fingerprint", None)
@@ -209,17 +227,11 @@ class OnnxEncoder:
             FileNotFoundError: No such file.
             ValueError: The file is an exported text encoder (:class:`OnnxTextEncoder`).
         """
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no ONNX model; export one with export_onnx / "
-                                    "`cnclip-kd export` (notebook 06_deploy_cpu.ipynb)")
-        self.threads = int(threads) if threads else None
-        self.session = _ort_session(self.path, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        inp = self.session.get_inputs()[0]
-        if meta.get(_META + "kind") == "text" or inp.name == ONNX_TEXT_INPUT:
-            raise ValueError(f"{self.path}: an exported text encoder, not an image one; "
-                             "open it with OnnxTextEncoder (Retriever text_encoder=)")
+        self.path, self.threads = Path(path), int(threads) if threads else None
+        self.session, meta, inp = _open_onnx(
+            self.path, threads, "image", missing="no ONNX model; export one with export_onnx / `cnclip-kd export` "
+                                                 "(notebook 06_deploy_cpu.ipynb)",
+            other="an exported text encoder, not an image one; open it with OnnxTextEncoder (Retriever text_encoder=)")
         self.resolution = int(meta.get(_META + "resolution") or inp.shape[-1])
         self.dim = int(meta.get(_META + "dim") or self.session.get_outputs()[0].shape[-1])
         self.precision = meta.get(_META + "precision", "fp32")
@@ -266,16 +278,11 @@ class OnnxTextEncoder:
             FileNotFoundError: No such file.
             ValueError: The file is an exported image encoder (:class:`OnnxEncoder`).
         """
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no ONNX text model; export one with export_text_onnx / "
-                                    "`cnclip-kd export CKPT OUT.onnx --text-out TEXT.onnx` (notebook 06)")
-        self.threads = int(threads) if threads else None
-        self.session = _ort_session(self.path, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        inp = self.session.get_inputs()[0]
-        if meta.get(_META + "kind") == "image" or inp.name == ONNX_INPUT:
-            raise ValueError(f"{self.path}: an exported image encoder, not a text one; open it with OnnxEncoder")
+        self.path, self.threads = Path(path), int(threads) if threads else None
+        self.session, meta, inp = _open_onnx(
+            self.path, threads, "text", missing="no ONNX text model; export one with export_text_onnx / "
+                                                "`cnclip-kd export CKPT OUT.onnx --text-out TEXT.onnx` (notebook 06)",
+            other="an exported image encoder, not a text one; open it with OnnxEncoder")
         self.context_length = int(meta.get(_META + "context_length") or CONTEXT_LENGTH)
         self.dim = int(meta.get(_META + "dim") or self.session.get_outputs()[0].shape[-1])
         self.precision = meta.get(_META + "precision", "fp32")

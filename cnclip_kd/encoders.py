@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,31 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .models import weights_fingerprint
 from .tokenizer import NoTextTowerError  # noqa: F401 - defined torch-free for the serving path; public here
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageEncoder", "NoTextTowerError", "TextEncoder", "load_encoder", "load_text_encoder", "text_encoder_for"]
-
-
-def _weights_fingerprint(module: torch.nn.Module | Mapping[str, torch.Tensor], extra: Mapping[str, Any]) -> str:
-    """Short hash of strided samples of every weight tensor (rounded to fp16) and ``extra``.
-
-    Cheap even for a ViT-H, stable across CPU fp32 and GPU fp16 copies of the
-    same weights, and different after any fine-tune. ``module`` may also be a state dict.
-    """
-    h = hashlib.sha256(json.dumps(dict(extra), sort_keys=True, default=str).encode())
-    state = module if isinstance(module, Mapping) else module.state_dict()
-    for key, tensor in sorted(state.items()):
-        if not torch.is_tensor(tensor):
-            continue
-        h.update(f"{key}:{tuple(tensor.shape)}".encode())
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu")
-        if sample.is_floating_point():
-            sample = sample.to(torch.float16)
-        h.update(sample.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class ImageEncoder:
@@ -201,7 +180,7 @@ def load_encoder(spec: str | os.PathLike, *, device: str | torch.device | None =
         info_extra = {"role": "pretrained 预训练", "spec": spec}
     model = model.to(dev).eval()
     resolution = int(info["image_resolution"])
-    fingerprint = _weights_fingerprint(model.visual, {"kind": "cnclip-student", "resolution": resolution,
+    fingerprint = weights_fingerprint(model.visual, {"kind": "cnclip-student", "resolution": resolution,
                                                      "proj": tuple(model.visual.proj.shape)
                                                      if getattr(model.visual, "proj", None) is not None else None})
     return ImageEncoder(model.encode_image, name=spec, dim=int(info["embed_dim"]), transform=image_transform(resolution),
@@ -320,7 +299,7 @@ def _cnclip_text_encoder(clip: torch.nn.Module, *, name: str, context_length: in
 
     state = {k: v for k, v in clip.state_dict().items() if k.startswith("bert.") or k == "text_projection"}
     dim = int(clip.text_projection.shape[1])
-    fingerprint = _weights_fingerprint(state, {"kind": "cnclip-text", "context_length": int(context_length),
+    fingerprint = weights_fingerprint(state, {"kind": "cnclip-text", "context_length": int(context_length),
                                                "dim": dim})
     return TextEncoder(_cnclip_text_fn(clip, device, int(context_length)), name=name, dim=dim,
                        context_length=int(context_length),
@@ -359,7 +338,7 @@ def text_encoder_for(encoder: ImageEncoder, *, context_length: int | None = None
     if kind == "team":
         team = model.model
         state = {k: v for k, v in team.model.state_dict().items() if k.startswith("text_model.")}
-        fingerprint = _weights_fingerprint(state, {"kind": "team-text", "context_length": 30})
+        fingerprint = weights_fingerprint(state, {"kind": "team-text", "context_length": 30})
 
         def count(text: str) -> int:
             enc = team.text_tokenizer.encode(text)

@@ -4,7 +4,7 @@
   R@1/5/10 by category and by product id.
 * :func:`evaluate_text` gives text→image and image→text R@1/5/10 (and their
   mean) the way cn_clip's MUGE evaluation computes them, plus category-level
-  text→image P@10 (:mod:`cnclip_kd.text_metrics`).
+  text→image P@10.
 * :func:`index_model` embeds, indexes, evaluates and saves one model;
   :func:`compare_models` runs the same gallery and queries through several
   models and writes the table; :func:`discover_models` finds the models the
@@ -26,10 +26,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .encoders import ImageEncoder, NoTextTowerError, TextEncoder, _checkpoint_facts, load_encoder, text_encoder_for
-from .files import atomic_save_npy, atomic_write_text
+from .files import atomic_write_text, load_stamped, save_stamped
 from .gallery import Gallery, embed_gallery, gallery_texts
 from .index import GalleryIndex, _exact_topk
-from .metrics import grouped_ranking_metrics, neighbour_hits, ranking_metrics, recall_metrics
+from .metrics import grouped_ranking_metrics, label_hits, neighbour_hits, ranking_metrics, recall_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +112,16 @@ def embed_texts(encoder: TextEncoder, texts: Sequence[str], out_dir: str | os.Pa
         ``[len(texts), D]`` float32, L2-normalised rows.
     """
     key = hashlib.sha256(("\x1f".join([encoder.fingerprint(), *texts])).encode()).hexdigest()[:16]
-    final = stamp = None
-    if out_dir is not None:
-        final, stamp = Path(out_dir) / "text_embeddings.npy", Path(out_dir) / "text_embeddings.json"
-        if final.is_file() and stamp.is_file():
-            try:
-                same = json.loads(stamp.read_text(encoding="utf-8")).get("key") == key
-            except ValueError:
-                same = False
-            emb = np.load(final) if same else None
-            if emb is not None and emb.shape == (len(texts), encoder.dim):
-                logger.info("text embeddings of %s: reusing %s", encoder.name, final)
-                return emb
+    final = Path(out_dir) / "text_embeddings.npy" if out_dir is not None else None
+    if final is not None:
+        emb = load_stamped(final, key, (len(texts), encoder.dim))
+        if emb is not None:
+            logger.info("text embeddings of %s: reusing %s", encoder.name, final)
+            return emb
     emb = encoder.encode(list(texts), batch_size=batch_size).astype(np.float32, copy=False)
     if final is not None:
-        atomic_save_npy(final, emb)
-        atomic_write_text(stamp, json.dumps({"key": key, "n": len(texts), "dim": encoder.dim,
-                                             "encoder": encoder.name, "fingerprint": encoder.fingerprint()}))
+        save_stamped(final, emb, key, n=len(texts), dim=encoder.dim, encoder=encoder.name,
+                     fingerprint=encoder.fingerprint())
     return emb
 
 
@@ -223,14 +216,10 @@ def evaluate_text(index: GalleryIndex, encoder: TextEncoder, texts: Sequence[Map
     # category level: a hit is an image of the text's image's category
     labels = gallery.column("label")
     label_of = {int(i): str(lab) for i, lab in zip(ids, labels)}
-    text_labels = np.array([label_of.get(int(t["image_ids"][0]), "") for t in texts], dtype=object)
-    found = np.where(rows >= 0, labels[np.clip(rows, 0, None)], None)
-    known = text_labels != ""
-    hits = (found == text_labels[:, None]) & (rows >= 0) & known[:, None]
-    counts = {lab: int((labels == lab).sum()) for lab in set(labels.tolist()) if lab}
-    n_relevant = np.array([counts.get(lab, 0) if lab else 0 for lab in text_labels], dtype=np.int64)
-    out["t2i_category"] = (ranking_metrics(hits.astype(bool), n_relevant, ks=[x for x in (1, 5, 10) if x <= k])
-                           if known.any() else None)
+    text_labels = [label_of.get(int(t["image_ids"][0]), "") for t in texts]
+    hits, n_relevant = label_hits(text_labels, labels, rows)
+    out["t2i_category"] = (ranking_metrics(hits, n_relevant, ks=[x for x in (1, 5, 10) if x <= k])
+                           if any(text_labels) else None)
     files: dict[str, str] = {}
     if len(gallery) >= k and len(texts) >= k:
         files["texts.jsonl"] = _muge_lines([{"text_id": int(t["text_id"]), "text": t["text"],

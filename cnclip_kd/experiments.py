@@ -9,7 +9,6 @@ real thing (ViT-B-16 from cn_clip's weights, a ModelScope teacher, a GPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, replace
@@ -20,6 +19,7 @@ import torch
 
 from .encoders import load_encoder, text_encoder_for
 from .evaluate import evaluate_text, text_columns
+from .files import atomic_write_json
 from .gallery import embed_gallery, gallery_from_split
 from .index import GalleryIndex
 from .models import load_student
@@ -120,12 +120,7 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"], reference=reference),
             str(result.checkpoint))
     if table_path is not None:
-        table_path = Path(table_path)
-        table_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = table_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"eval_data": str(eval_data), "base": asdict(base), "rows": rows},
-                                  ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, table_path)
+        atomic_write_json(table_path, {"eval_data": str(eval_data), "base": asdict(base), "rows": rows})
     return rows
 
 

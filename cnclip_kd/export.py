@@ -136,18 +136,13 @@ def _category_metrics(feats: np.ndarray, labels: Sequence[str]) -> dict | None:
 def _text_to_image_metrics(text_feats: np.ndarray, text_labels: Sequence[str], image_feats: np.ndarray | None,
                            image_labels: Sequence[str], k: int = 10) -> dict | None:
     """Category-level text→image P@k / mAP@k: a hit is an image of the caption's category."""
-    from .metrics import ranking_metrics
+    from .metrics import label_hits, ranking_metrics
 
     if image_feats is None or not len(text_labels) or not all(image_labels) or not all(text_labels):
         return None
-    image_labels = np.asarray(image_labels, dtype=object).astype(str)
-    text_labels = np.asarray(text_labels, dtype=object).astype(str)
     depth = min(k, len(image_labels))
-    sims = text_feats @ image_feats.T
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
-    hits = image_labels[top] == text_labels[:, None]
-    names, counts = np.unique(image_labels, return_counts=True)
-    n_relevant = np.array([dict(zip(names, counts)).get(lab, 0) for lab in text_labels])
+    top = np.argsort(-(text_feats @ image_feats.T), axis=1, kind="stable")[:, :depth]
+    hits, n_relevant = label_hits(text_labels, image_labels, top)
     return ranking_metrics(hits, n_relevant, ks=[x for x in (1, 5, 10) if x <= depth])
 
 

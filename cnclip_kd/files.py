@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_save_npy", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_save_npy", "atomic_write_json", "atomic_write_text", "load_stamped", "save_stamped"]
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -42,3 +42,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """``data`` as indented UTF-8 JSON (non-ASCII kept), written atomically."""
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1, default=str))
+
+
+def load_stamped(array_path: str | os.PathLike, key: str, shape: tuple) -> np.ndarray | None:
+    """A cached array saved by :func:`save_stamped`, or ``None`` when it is missing, unreadable, or was made
+    for another key (another model, gallery or text list) or shape."""
+    array_path = Path(array_path)
+    stamp = array_path.with_suffix(".json")
+    if not (array_path.is_file() and stamp.is_file()):
+        return None
+    try:
+        if json.loads(stamp.read_text(encoding="utf-8")).get("key") != key:
+            return None
+        array = np.load(array_path)
+    except (OSError, ValueError):
+        return None
+    return array if array.shape == tuple(shape) else None
+
+
+def save_stamped(array_path: str | os.PathLike, array: np.ndarray, key: str, **facts: Any) -> None:
+    """Save a cache array and, after it, its stamp (``<name>.json``: ``key`` plus ``facts``), each atomically;
+    the stamp is written last, so a half-finished save is never taken for a valid cache."""
+    array_path = Path(array_path)
+    atomic_save_npy(array_path, array)
+    atomic_write_json(array_path.with_suffix(".json"), {"key": key, **facts})

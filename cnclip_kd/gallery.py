@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import DataError, LmdbImages, read_labels, read_source
-from .files import atomic_save_npy, atomic_write_text
+from .files import atomic_save_npy, load_stamped, save_stamped
 from .images import BadImageError, load_image
 
 if TYPE_CHECKING:
@@ -279,17 +279,11 @@ def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     n, dim = len(gallery), encoder.dim
     key = hashlib.sha256(f"{encoder.fingerprint()}|{gallery.fingerprint()}".encode()).hexdigest()[:16]
-    final, stamp = out_dir / "embeddings.npy", out_dir / "embeddings.json"
-    if stamp.is_file() and final.is_file():
-        try:
-            same = json.loads(stamp.read_text(encoding="utf-8")).get("key") == key
-        except ValueError:
-            same = False
-        if same:
-            emb = np.load(final)
-            if emb.shape == (n, dim):
-                logger.info("embeddings of %s: reusing %s", encoder.name, final)
-                return emb
+    final = out_dir / "embeddings.npy"
+    emb = load_stamped(final, key, (n, dim))
+    if emb is not None:
+        logger.info("embeddings of %s: reusing %s", encoder.name, final)
+        return emb
     chunk_dir = out_dir / f"chunks-{key}-{chunk_size}"
     for stale in out_dir.glob("chunks-*"):
         if stale != chunk_dir:  # another model's or gallery's partial work; it can never resume here
@@ -314,10 +308,8 @@ def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.Pat
                 bar.update(len(images))
             atomic_save_npy(path, np.concatenate(feats))
     emb = np.concatenate([np.load(p) for p in paths]).astype(np.float32, copy=False)
-    atomic_save_npy(final, emb)
-    atomic_write_text(stamp, json.dumps({"key": key, "n": n, "dim": dim, "encoder": encoder.name,
-                                          "encoder_fingerprint": encoder.fingerprint(),
-                                          "gallery_fingerprint": gallery.fingerprint()}, indent=1))
+    save_stamped(final, emb, key, n=n, dim=dim, encoder=encoder.name, encoder_fingerprint=encoder.fingerprint(),
+                 gallery_fingerprint=gallery.fingerprint())
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return emb
 

@@ -46,6 +46,10 @@ class BadImageError(ValueError):
         super().__init__(f"{source}: {reason}")
 
 
+class TooManyPixelsError(BadImageError):
+    """An image over the pixel limit (a possible decompression bomb), found from its header before decoding."""
+
+
 def _open(source: ImageSource, name: str) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -145,13 +149,13 @@ def load_image(
         raise BadImageError(name, "not an image file (unknown or corrupt format)") from None
     except Image.DecompressionBombError as err:
         # PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS) fires inside Image.open, before the check below.
-        raise BadImageError(name, f"over PIL's pixel limit (possible decompression bomb): {err}") from None
+        raise TooManyPixelsError(name, f"over PIL's pixel limit (possible decompression bomb): {err}") from None
     except OSError as err:
         raise BadImageError(name, f"cannot open: {err}") from err
     try:
         width, height = img.size
         if width * height > max_pixels:
-            raise BadImageError(
+            raise TooManyPixelsError(
                 name,
                 f"{width}x{height} = {width * height:,} pixels is over the limit of "
                 f"{max_pixels:,} (possible decompression bomb); raise max_pixels if the image is genuine",
@@ -161,7 +165,7 @@ def load_image(
         try:
             _load_strict(img)
         except Image.DecompressionBombError as err:
-            raise BadImageError(name, f"decompression bomb: {err}") from err
+            raise TooManyPixelsError(name, f"decompression bomb: {err}") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise BadImageError(name, f"truncated or corrupt image data ({err})") from err
     except BadImageError:

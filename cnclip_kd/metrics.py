@@ -131,6 +131,31 @@ def neighbour_hits(labels: Sequence, neighbours: np.ndarray,
     return hits.astype(bool), n_relevant.astype(np.int64)
 
 
+def label_hits(query_labels: Sequence, gallery_labels: Sequence,
+               neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hit matrix and relevant counts for queries from another set (e.g. texts searching images).
+
+    Args:
+        query_labels: ``Q`` labels of the queries (``""``/``None`` = unknown).
+        gallery_labels: ``N`` gallery labels.
+        neighbours: ``[Q, K]`` gallery row indices per query, best first; ``-1`` = no result.
+
+    Returns:
+        ``(hits, n_relevant)`` for :func:`ranking_metrics`: ``[Q, K]`` booleans (the neighbour has the
+        query's label) and ``[Q]`` counts of gallery items with that label (0 for an unknown label).
+    """
+    gallery = np.array(["" if x is None else str(x) for x in gallery_labels], dtype=object)
+    queries = np.array(["" if x is None else str(x) for x in query_labels], dtype=object)
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    found = np.where(neighbours >= 0, gallery[np.clip(neighbours, 0, None)], None)
+    known = queries != ""
+    hits = (found == queries[:, None]) & (neighbours >= 0) & known[:, None]
+    names, counts = np.unique(gallery, return_counts=True)
+    count_of = dict(zip(names.tolist(), counts.tolist()))
+    n_relevant = np.array([count_of.get(q, 0) if q else 0 for q in queries], dtype=np.int64)
+    return hits.astype(bool), n_relevant
+
+
 def grouped_ranking_metrics(relevant: np.ndarray, n_relevant: np.ndarray, groups: Sequence,
                             ks: Sequence[int] = (1, 5, 10)) -> dict:
     """:func:`ranking_metrics` separately for each group of queries (e.g. per category).

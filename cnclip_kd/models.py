@@ -13,12 +13,13 @@ loads those of real architectures.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from PIL import Image
@@ -300,3 +301,24 @@ def encode_images(model: torch.nn.Module, images: torch.Tensor, *, normalize: bo
     model = getattr(model, "module", model)
     feats = model.encode_image(images).float()
     return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+
+def weights_fingerprint(module: torch.nn.Module | Mapping[str, torch.Tensor], extra: Mapping[str, Any]) -> str:
+    """Short hash of ``extra`` and strided samples of every weight tensor (rounded to fp16): keys caches
+    of embeddings and teacher features.
+
+    Cheap even for a ViT-H, stable across CPU fp32 and GPU fp16 copies of the
+    same weights, and different after any fine-tune. ``module`` may also be a state dict.
+    """
+    h = hashlib.sha256(json.dumps(dict(extra), sort_keys=True, default=str).encode())
+    state = module if isinstance(module, Mapping) else module.state_dict()
+    for key, tensor in sorted(state.items()):
+        if not torch.is_tensor(tensor):
+            continue
+        h.update(f"{key}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu")
+        if sample.is_floating_point():
+            sample = sample.to(torch.float16)
+        h.update(sample.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -27,7 +27,6 @@ The last two are pretrained image models (:mod:`cnclip_kd.image_teachers`):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -46,7 +45,7 @@ import torch
 from torch import nn
 
 from .image_teachers import ImageTeacherError, is_image_teacher, load_image_model
-from .models import cnclip_config_dir, strip_module_prefix
+from .models import cnclip_config_dir, strip_module_prefix, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -262,22 +261,10 @@ class Teacher(nn.Module):
         a fine-tune (which moves nearly all values of the tensors it touches) does not.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256()
             meta = {"v": _FINGERPRINT_VERSION, "kind": self.kind, "embed_dim": self.embed_dim,
                     "resolution": self.resolution,
                     "transform": getattr(self.transform, "describe", lambda: repr(self.transform))()}
-            h.update(json.dumps(meta, sort_keys=True).encode())
-            for key, tensor in sorted(self.model.state_dict().items()):
-                if not torch.is_tensor(tensor):
-                    continue
-                h.update(f"{key}:{tuple(tensor.shape)}".encode())
-                flat = tensor.detach().reshape(-1)
-                step = max(1, flat.numel() // 1024)
-                sample = flat[::step].to("cpu")
-                if sample.is_floating_point():
-                    sample = sample.to(torch.float16)
-                h.update(sample.contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.model, meta)
         return self._fingerprint
 
     def extra_repr(self) -> str:
