@@ -1,19 +1,29 @@
 """Query latency on the CPU: JPEG bytes → Top-10 ids, end to end, per encoder back-end, side by side.
 
-The encoder is the real architecture (ViT-B-16 by default, random weights: the
+The encoders are real architectures side by side — ViT-B-16 and RN50 by default
+(``--vision-models``), each at its own trained resolution, random weights: the
 speed does not depend on the values); the gallery is ``--gallery`` synthetic
-clustered unit vectors in a real saved index (``GalleryIndex``, ``auto`` kind:
-HNSW at 100k). Queries are sample photos upscaled to the sizes users send
-(800×800 product images, 1920×1080 phone photos) and saved as JPEG.
+clustered unit vectors in a real saved index per embedding size
+(``GalleryIndex``, ``auto`` kind: HNSW at 100k). Queries are sample photos
+upscaled to the sizes users send (800×800 product images, 1920×1080 phone
+photos) and saved as JPEG.
 
-Every back-end runs in its own process (its own peak RSS, no thread pools
+Back-ends per model: PyTorch eager fp32 (the first model's is the baseline
+every speed-up is relative to), ONNX fp32, ONNX dynamic int8 (``onnx-int8``)
+and ONNX static int8 (``onnx-int8-static``: calibrated QDQ, what a
+convolutional student needs — dynamic int8 turns convolutions into slow
+ConvInteger); for the first model also bf16 autocast and torch.compile.
+
+Every back-end runs in its own process (its own RSS, no thread pools
 fighting each other) through :class:`cnclip_kd.deploy.Retriever`; the
 coordinator sends the same query to each in turn, in a shuffled order every
 round, so a machine whose speed drifts slows them all alike. Reported: p50/p95
 of the total and its split (decode + preprocess, encode, search), the speed-up
-of the p50 total over torch eager fp32, and peak RSS. Also: the export check
-(fp32 / int8 cosine to PyTorch), the cosine of a DCT-scaled (draft) decode to a
-full decode, and decode times of both.
+of the p50 total over the torch eager fp32 baseline, peak and resident RSS
+(the ONNX processes import no torch), the verdicts against the targets
+(p50 ≤ 50 ms for 800×800, ≤ 60 ms for 1920×1080, ≥ 4× the baseline), the export
+check (fp32 / int8 cosine to PyTorch), the cosine of a DCT-scaled (draft)
+decode to a full decode, and decode times of both.
 
 Rows ``onnx-int8 @N px`` (``--sides``): the same weights at smaller input sides
 (fewer tokens; what a student trained with ``--image-resolution N`` serves). The
@@ -39,9 +49,9 @@ Text queries only (about 3 minutes)::
 
     python benchmarks/query_latency.py --no-image --threads 2
 
-Quick check of the script itself (tiny model, small gallery)::
+Quick check of the script itself (small presets, small gallery)::
 
-    python benchmarks/query_latency.py --preset tiny --gallery 2000 --repeats 2 --no-compile
+    python benchmarks/query_latency.py --preset tiny,demo-resnet --gallery 2000 --repeats 2 --no-compile
 """
 
 from __future__ import annotations
@@ -60,15 +70,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 logger = logging.getLogger("query_latency")
 
 SIZES = {"800×800": (800, 800), "1920×1080": (1920, 1080)}
 BASELINE = "torch"
+DEFAULT_VISION = "ViT-B-16"
 TEXT_BASELINE = "torch-text"
 DEFAULT_TEXT = "RoBERTa-wwm-ext-base-chinese"
 #: p50 targets of an end-to-end text query per text architecture (ms, 2 cores).
+#: p50 targets of an end-to-end image query per query size (ms, 2 cores), with ≥ 4× the torch fp32 baseline.
+TARGETS = {"800×800": 50.0, "1920×1080": 60.0}
 TEXT_TARGETS = {"RoBERTa-wwm-ext-base-chinese": 20.0, "RBT3-chinese": 8.0}
 #: What users type: short Chinese queries, Latin and digits among them, and one longer than the context length.
 TEXT_QUERIES = (
@@ -157,23 +169,25 @@ class Worker:
 # --------------------------------------------------------------------------- inputs
 
 
-def make_checkpoint(work: Path, args, side: int | None = None, text_model: str | None = None) -> Path:
-    """A random-weight student checkpoint (cn_clip format, with model_info); at input ``side`` when given
-    (the same weights, position embeddings interpolated: what ``--image-resolution`` training starts from),
-    with the text tower ``text_model`` (default RoBERTa-wwm-ext-base-chinese; a preset has its own)."""
+def make_checkpoint(work: Path, arch: str, side: int | None = None, text_model: str | None = None) -> Path:
+    """A random-weight student checkpoint of ``arch`` (a cn_clip vision architecture or a kit preset; cn_clip
+    format, with model_info); at input ``side`` when given (the same weights, position embeddings interpolated:
+    what ``--image-resolution`` training starts from), with the text tower ``text_model`` (default
+    RoBERTa-wwm-ext-base-chinese; a preset has its own)."""
     import torch
 
-    from cnclip_kd.models import cnclip_state_dict, load_student
+    from cnclip_kd.models import PRESETS, cnclip_state_dict, load_student
 
-    text = None if args.preset or text_model in (None, DEFAULT_TEXT) else text_model
-    path = work / f"random-{args.preset or args.vision_model}{f'@{text}' if text else ''}{f'-{side}px' if side else ''}.pt"
+    preset = arch if arch in PRESETS else None
+    text = None if preset or text_model in (None, DEFAULT_TEXT) else text_model
+    path = work / f"random-{arch}{f'@{text}' if text else ''}{f'-{side}px' if side else ''}.pt"
     if not path.is_file():
         torch.manual_seed(0)
         if side:
-            model, info = load_student(make_checkpoint(work, args), image_resolution=side)
+            model, info = load_student(make_checkpoint(work, arch), image_resolution=side)
         else:
-            model, info = load_student(None, vision_model=args.vision_model, text_model=text or DEFAULT_TEXT,
-                                       preset=args.preset)
+            model, info = load_student(None, vision_model=None if preset else arch, text_model=text or DEFAULT_TEXT,
+                                       preset=preset)
         tmp = path.with_suffix(".tmp")
         torch.save({"state_dict": cnclip_state_dict(model), "model_info": info}, tmp)
         os.replace(tmp, path)
@@ -182,48 +196,31 @@ def make_checkpoint(work: Path, args, side: int | None = None, text_model: str |
 
 def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = False) -> dict:
     """fp32 + int8 ONNX of ``ckpt``'s image (or ``text``) tower as ``{work}/{stem}.onnx`` (reused from an
-    earlier run into --work-dir)."""
-    from cnclip_kd.export import export_onnx, export_text_onnx, int8_path
+    earlier run into --work-dir). For the image tower every int8 method's file is kept side by side
+    (``int8_files``: method → path): the export keeps the one it chose, the others are quantised the same way."""
+    from cnclip_kd.export import INT8_METHODS, export_onnx, export_text_onnx, int8_path, quantize_image_onnx
 
     onnx_path = work / f"{stem}.onnx"
     report_path = work / f"{stem}.report.json"
-    if report_path.is_file() and int8_path(onnx_path).is_file() and onnx_path.stat().st_mtime > ckpt.stat().st_mtime:
-        return json.loads(report_path.read_text(encoding="utf-8"))
-    export = export_text_onnx if text else export_onnx
-    return export(ckpt, onnx_path, quantize=True, max_images=24, threads=threads, timing_runs=3)
-
-
-def make_index(work: Path, n: int, dim: int, kind: str) -> tuple[Path, dict]:
-    """A saved index of ``n`` clustered synthetic unit vectors (reused when already there)."""
-    from cnclip_kd.gallery import Gallery
-    from cnclip_kd.index import GalleryIndex
-
-    index_dir = work / f"index-{n}-{dim}-{kind}"
-    if (index_dir / "stats.json").is_file():
-        return index_dir, json.loads((index_dir / "stats.json").read_text())
-    rng = np.random.default_rng(0)
-    n_clusters = max(1, n // 50)
-    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
-    emb = centres[rng.integers(0, n_clusters, n)] + 0.7 * rng.normal(size=(n, dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    meta = [{"id": i, "image": None, "caption": f"商品 {i}", "label": f"c{i % 100}", "product_id": f"p{i // 5}",
-             "split": None} for i in range(n)]
-    index = GalleryIndex.build(emb, Gallery(ids=np.arange(n), meta=meta), kind=kind)
-    index.save(index_dir)
-    return index_dir, index.stats
+    methods = {} if text else {m: work / f"{stem}.int8-{m}.onnx" for m in INT8_METHODS}
+    fresh = [int8_path(onnx_path), report_path, *methods.values()]
+    if all(f.is_file() and f.stat().st_mtime >= ckpt.stat().st_mtime for f in fresh):
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    else:
+        export = export_text_onnx if text else export_onnx
+        report = export(ckpt, onnx_path, quantize=True, max_images=24, threads=threads, timing_runs=3)
+        for method, path in methods.items():
+            quantize_image_onnx(onnx_path, path, method, calibration_size=32)
+    if methods:
+        report["int8_files"] = {m: str(p) for m, p in methods.items()}
+    return report
 
 
 def make_queries(n: int) -> dict[str, list[bytes]]:
     """``n`` sample photos (different categories) upscaled to each size, as JPEG (quality 90)."""
-    from PIL import Image
+    from cnclip_kd.plan import sample_queries
 
-    from cnclip_kd import SAMPLE_DATA
-    from cnclip_kd.images import encode_jpeg, load_image
-
-    folders = sorted(p for p in (SAMPLE_DATA / "images").iterdir() if p.is_dir())
-    photos = [sorted(folders[i % len(folders)].glob("*.jpg"))[i // len(folders)] for i in range(n)]
-    return {label: [encode_jpeg(load_image(p).resize(size, Image.BICUBIC), 90) for p in photos]
-            for label, size in SIZES.items()}
+    return {label: sample_queries(n, size) for label, size in SIZES.items()}
 
 
 def decode_times(queries: dict[str, list[bytes]], resolution: int, repeats: int) -> dict:
@@ -252,20 +249,12 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    from cnclip_kd.plan import cpu_features
+
+    cpu = cpu_features()
+    return {"cpu": cpu["cpu"], "isa": cpu["isa"], "cores": cpu["cores"],
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def table(rows: list[dict]) -> str:
@@ -304,66 +293,99 @@ def time_rounds(workers: dict, queries: dict, cmd: str, args, baseline: str) -> 
     return timings, dropped
 
 
-def run_image(args, work: Path, info: dict, index_dir: Path) -> dict:
-    """The image-query part: exports, back-ends, timings, table rows and report lines."""
+def _row_name(arch: str, backend: str, several: bool) -> str:
+    return f"{arch} · {backend}" if several else backend
+
+
+def run_image(args, work: Path, models: list[str], indexes: dict[int, Path]) -> dict:
+    """The image-query part: exports, back-ends, timings, table rows and report lines, for every vision model
+    (each at its own trained resolution; the first model's also at the smaller ``--sides``)."""
     from cnclip_kd.deploy import summarize_timings
-    from cnclip_kd.export import int8_path
 
-    ckpt = make_checkpoint(work, args)
-    export = export_models(work, ckpt, "image_encoder", args.threads)
-    resolution = int(info["image_resolution"])
-    sides = sorted({int(x) for x in args.sides.split(",") if x.strip()} - {resolution}, reverse=True)
-    side_exports = {side: export_models(work, make_checkpoint(work, args, side), f"image_encoder_{side}px",
-                                        args.threads) for side in sides}
-    export_s = sum(e.get("export_s", 0.0) + e["int8"].get("quantize_s", 0.0) for e in [export, *side_exports.values()])
+    several = len(models) > 1
     queries = make_queries(args.queries)
-    decode = decode_times(queries, resolution, repeats=3)
+    backends: dict[str, tuple[Path, str, Path]] = {}
+    exports, side_exports, info0 = {}, {}, {}
+    for i, arch in enumerate(models):
+        info = _model_info(arch)
+        if i == 0:
+            info0 = info
+        index_dir = indexes[int(info["embed_dim"])]
+        ckpt = make_checkpoint(work, arch)
+        stem = "image_encoder" if i == 0 else f"image_encoder_{arch}"
+        export = exports[arch] = export_models(work, ckpt, stem, args.threads)
+        onnx_path, files = Path(export["fp32"]["path"]), export["int8_files"]
+        names = {"torch": (ckpt, "torch")}
+        if i == 0:
+            names["torch-bf16"] = (ckpt, "torch-bf16")
+        names.update({"onnx-fp32": (onnx_path, "onnx"), "onnx-int8": (Path(files["dynamic"]), "onnx"),
+                      "onnx-int8-static": (Path(files["static"]), "onnx")})
+        if i == 0 and args.compile:
+            names["torch-compile"] = (ckpt, "torch-compile")
+        if i == 0 and info.get("vision_patch_size"):
+            resolution = int(info["image_resolution"])
+            for side in sorted({int(x) for x in args.sides.split(",") if x.strip()} - {resolution}, reverse=True):
+                rep = side_exports[side] = export_models(work, make_checkpoint(work, arch, side),
+                                                         f"image_encoder_{side}px", args.threads)
+                names[f"onnx-int8 @{side}px"] = (Path(rep["int8"]["path"]), "onnx")
+        for name, (enc, backend) in names.items():
+            backends[_row_name(arch, name, several)] = (enc, backend, index_dir)
+    baseline = _row_name(models[0], BASELINE, several)
+    export_s = sum(e.get("export_s", 0.0) + sum(b.get("quantize_s", 0.0) for b in e.get("int8_methods", {}).values())
+                   for e in [*exports.values(), *side_exports.values()])
+    resolution0 = int(info0["image_resolution"])
+    decode = decode_times(queries, resolution0, repeats=3)
 
-    onnx_path = Path(export["fp32"]["path"])
-    backends = {"torch": (ckpt, "torch"), "torch-bf16": (ckpt, "torch-bf16"), "onnx-fp32": (onnx_path, "onnx"),
-                "onnx-int8": (int8_path(onnx_path), "onnx")}
-    if args.compile:
-        backends["torch-compile"] = (ckpt, "torch-compile")
-    for side, rep in side_exports.items():
-        backends[f"onnx-int8 @{side}px"] = (Path(rep["int8"]["path"]), "onnx")
     workers = {}
     try:
-        for name, (enc, backend) in backends.items():
+        for name, (enc, backend, index_dir) in backends.items():
             workers[name] = Worker(name, index_dir, enc, backend, args.threads)
-        # Draft vs full decode: embedding cosine, with the fp32 ONNX encoder.
+        # Draft vs full decode: embedding cosine, with the first model's fp32 ONNX encoder.
         decode_cos = {}
+        fp32_worker = workers[_row_name(models[0], "onnx-fp32", several)]
         for label, qs in queries.items():
-            pairs = [workers["onnx-fp32"].ask("embed", q) for q in qs]
+            pairs = [fp32_worker.ask("embed", q) for q in qs]
             cos = [float(a @ b) for a, b in pairs]
             decode_cos[label] = {"min": round(min(cos), 5), "mean": round(statistics.mean(cos), 5)}
-        timings, dropped = time_rounds(workers, queries, "search", args, BASELINE)
+        timings, dropped = time_rounds(workers, queries, "search", args, baseline)
         rss = {name: w.ask("rss") for name, w in workers.items()}
         load_s = {name: round(w.load_s, 1) for name, w in workers.items()}
+        torch_free = {name: not w.torch_imported for name, w in workers.items() if "onnx" in name}
     finally:
         for w in workers.values():
             w.stop()
 
     rows = []
     for label in queries:
-        base = summarize_timings(timings[(label, BASELINE)])["total"]["p50"]
+        base = summarize_timings(timings[(label, baseline)])["total"]["p50"]
         for name in workers:
             s = summarize_timings(timings[(label, name)])
             rows.append({"query": label, "backend": name, **s, "speedup": round(base / s["total"]["p50"], 2),
                          "rss_mb": round(rss[name][0], 0), "rss_now_mb": round(rss[name][1], 0)})
-    targets = {"800×800": 50.0, "1920×1080": 70.0}
     verdicts = []
     for label in queries:
         mine = [r for r in rows if r["query"] == label]
-        same_model = [r for r in mine if "@" not in r["backend"]]
-        for what, pool in ((f"at {resolution} px (the model as trained)", same_model),
-                           ("at any input side", mine if len(mine) > len(same_model) else [])):
+        own = [r for r in mine if "@" not in r["backend"].split(" · ")[-1]]
+        for what, pool in (("a model at its own trained resolution", own),
+                           ("at any input side", mine if len(mine) > len(own) else [])):
             if not pool:
                 continue
             r = min(pool, key=lambda r: r["total"]["p50"])
-            ok = r["total"]["p50"] <= targets[label] and r["speedup"] >= 4.0
+            ok = r["total"]["p50"] <= TARGETS[label] and r["speedup"] >= 4.0
             verdicts.append(f"- {label}, {what}: best **{r['backend']}** p50 {r['total']['p50']:.1f} ms "
-                            f"(target ≤ {targets[label]:.0f} ms), {r['speedup']:.2f}× the torch fp32 baseline "
-                            f"(target ≥ 4×): {'met' if ok else 'NOT met'}")
+                            f"(target ≤ {TARGETS[label]:.0f} ms), {r['speedup']:.2f}× the {baseline} fp32 "
+                            f"baseline (target ≥ 4×): {'met' if ok else 'NOT met'}")
+    sides = sorted(side_exports, reverse=True)
+    patch = info0.get("vision_patch_size")
+    int8_notes = []
+    for arch, e in exports.items():
+        blocks = e.get("int8_methods", {})
+        int8_notes.append(
+            f"{arch}: fp32 cosine to PyTorch ≥ {e['fp32']['cosine_min']:.6f} on {e['n_images']} photos; "
+            + "; ".join(f"{m} int8 cosine mean {b['cosine_mean']:.5f} (min {b['cosine_min']:.5f}), "
+                        f"{b['mb']:.0f} MB, encode {b['encode_ms']:.1f} ms" for m, b in blocks.items())
+            + f" (fp32 {e['fp32']['mb']:.0f} MB, {e['fp32']['encode_ms']:.1f} ms; export check, random weights).")
+    rss_models = {name: r for name, r in rss.items() if "onnx-int8" in name and "@" not in name}
     lines = [
         f"### Image queries ({args.queries} photos × {args.repeats} passes per size and back-end)"
         + (f"; {', '.join(dropped)}: more than {args.slow_factor:g}× slower than the baseline, timed on 2 passes"
@@ -373,26 +395,39 @@ def run_image(args, work: Path, info: dict, index_dir: Path) -> dict:
         "",
         *verdicts,
         "",
-        f"Export + quantisation ({export_s:.0f} s): fp32 cosine to PyTorch ≥ {export['fp32']['cosine_min']:.6f}; int8 mean "
-        f"{export['int8']['cosine_mean']:.5f} (min {export['int8']['cosine_min']:.5f}) on {export['n_images']} "
-        f"photos; {export['fp32']['mb']:.0f} MB → {export['int8']['mb']:.0f} MB."
-        + "".join(f" At {side} px: int8 cosine mean {e['int8']['cosine_mean']:.5f}, encode {e['int8']['encode_ms']:.0f} ms "
-                  f"(fp32 {e['fp32']['encode_ms']:.0f} ms) in the export check." for side, e in side_exports.items()),
+        f"Export + quantisation {export_s:.0f} s. " + " ".join(int8_notes),
+        "`onnx-int8` is ONNX Runtime's dynamic quantisation, `onnx-int8-static` the calibrated static (QDQ) one.",
         (f"Rows `@N px`: the same weights at a smaller input side ({', '.join(map(str, sides))} px: "
-         + ", ".join(f"{(sd // info['vision_patch_size']) ** 2 + 1}" for sd in sides)
-         + f" tokens instead of {(resolution // info['vision_patch_size']) ** 2 + 1}). Such a student must be "
+         + ", ".join(f"{(sd // patch) ** 2 + 1}" for sd in sides)
+         + f" tokens instead of {(resolution0 // patch) ** 2 + 1}). Such a student must be "
          "trained at that side (`--image-resolution`); its quality cost is measured by "
-         "benchmarks/resolution_quality.py, not here." if sides and info.get("vision_patch_size") else ""),
+         "benchmarks/resolution_quality.py, not here." if sides and patch else ""),
         "Decode + preprocess p50 (ms), full vs draft: " + "; ".join(
             f"{label} {d['full']:.1f} vs {d['draft']:.1f}" for label, d in decode.items())
         + ". Embedding cosine draft vs full decode (ONNX fp32): " + "; ".join(
             f"{label} min {c['min']:.4f}, mean {c['mean']:.4f}" for label, c in decode_cos.items()) + ".",
         "Resident memory after the run (MB; the peak includes loading): "
         + ", ".join(f"{n} {r[1]:.0f}" for n, r in rss.items()) + ".",
+        "ONNX serving processes (index + int8 image encoder, no torch imported: "
+        + f"{all(torch_free.values())}): " + ", ".join(
+            f"{n} {r[1]:.0f} MB resident, {r[0]:.0f} MB peak" for n, r in rss_models.items()) + ".",
         f"Back-end load times (s): {load_s}.",
     ]
-    return {"rows": rows, "lines": lines, "export": export, "side_exports": side_exports, "decode_ms": decode,
-            "decode_cosine": decode_cos, "load_s": load_s}
+    return {"rows": rows, "lines": lines, "export": exports[models[0]], "exports": exports,
+            "side_exports": side_exports, "decode_ms": decode, "decode_cosine": decode_cos, "load_s": load_s,
+            "torch_free": torch_free}
+
+
+def _presets() -> dict:
+    from cnclip_kd.models import PRESETS
+
+    return PRESETS
+
+
+def _model_info(arch: str) -> dict:
+    from cnclip_kd.models import model_info
+
+    return model_info(preset=arch) if arch in _presets() else model_info(arch)
 
 
 def _short_text_name(text_model: str | None) -> str:
@@ -411,7 +446,7 @@ def run_text(args, work: Path, index_dir: Path) -> dict:
     rows, exports, verdicts, notes, load_s, torch_free = [], {}, [], [], {}, {}
     for tm in text_models:
         label = f"text · {_short_text_name(tm)}"
-        ckpt = make_checkpoint(work, args, text_model=tm)
+        ckpt = make_checkpoint(work, args.preset or DEFAULT_VISION, text_model=tm)
         stem = "text_encoder" if tm in (None, DEFAULT_TEXT) else f"text_encoder_{tm}"
         export = exports[label] = export_models(work, ckpt, stem, args.threads, text=True)
         fp32 = Path(export["fp32"]["path"])
@@ -469,8 +504,11 @@ def run_text(args, work: Path, index_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vision-model", default="ViT-B-16", help="student architecture (random weights)")
-    p.add_argument("--preset", default=None, help="a small preset instead (tiny/demo), to test the script")
+    p.add_argument("--vision-model", "--vision-models", dest="vision_models", default="ViT-B-16,RN50",
+                   help="student architectures (random weights), comma-separated, side by side; the first is the "
+                        "baseline's and the text queries' (default: %(default)s)")
+    p.add_argument("--preset", default=None,
+                   help="small presets instead (tiny, demo-resnet; comma-separated), to test the script")
     p.add_argument("--gallery", type=int, default=100_000, help="gallery size (synthetic vectors)")
     p.add_argument("--index-kind", default="auto", help="index kind (auto: flat ≤ 50k, else HNSW)")
     p.add_argument("--threads", type=int, default=2, help="encoder threads per back-end")
@@ -493,23 +531,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
-    from cnclip_kd.models import model_info
+    from cnclip_kd.plan import synthetic_index
 
     if not (args.image or args.text):
         p.error("nothing to time: --no-image and --no-text")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="query-latency-"))
     work.mkdir(parents=True, exist_ok=True)
-    info = model_info(args.vision_model, preset=args.preset)
+    models = [m.strip() for m in (args.preset or args.vision_models).split(",") if m.strip()]
+    args.preset = models[0] if args.preset else None  # the text queries use the first preset's text tower
+    dims = list(dict.fromkeys(int(_model_info(m)["embed_dim"]) for m in models))
     host = machine()
     logger.info("machine: %s", host)
-    index_dir, index_stats = make_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
-    image = run_image(args, work, info, index_dir) if args.image else None
-    text = run_text(args, work, index_dir) if args.text else None
+    built = {dim: synthetic_index(work, args.gallery, dim, args.index_kind) for dim in dims}
+    indexes = {dim: path for dim, (path, _) in built.items()}
+    index_stats = built[dims[0]][1]
+    image = run_image(args, work, models, indexes) if args.image else None
+    text = run_text(args, work, indexes[dims[0]]) if args.text else None
 
     host["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    arch = args.preset or args.vision_model
     lines = [
-        f"## Query latency: {arch} (random weights), gallery {args.gallery:,} "
+        f"## Query latency: {', '.join(models)} (random weights), gallery {args.gallery:,} "
         f"({index_stats['kind']}, recall@10 {index_stats.get('recall@10')}), {args.threads} threads",
         "",
         f"Machine: {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} vCPUs; load average at start "
@@ -519,7 +560,8 @@ def main(argv=None) -> int:
         "",
         *(image["lines"] + [""] if image else []),
         *(text["lines"] + [""] if text else []),
-        f"Index build {index_stats.get('build_s')} s, search alone {index_stats.get('search_ms')} ms. "
+        "Index build " + ", ".join(f"{dim}-d {st.get('build_s')} s (search alone {st.get('search_ms')} ms)"
+                                   for dim, (_, st) in built.items()) + ". "
         f"Whole run {time.perf_counter() - t_start:.0f} s.",
     ]
     report = "\n".join(lines)
@@ -530,7 +572,8 @@ def main(argv=None) -> int:
         data = {"machine": host, "args": vars(args), "index": index_stats, "markdown": report,
                 "rows": image["rows"] if image else [], "text_rows": text["rows"] if text else []}
         if image:
-            data.update({k: image[k] for k in ("export", "side_exports", "decode_ms", "decode_cosine", "load_s")})
+            data.update({k: image[k] for k in ("export", "exports", "side_exports", "decode_ms", "decode_cosine",
+                                               "load_s", "torch_free")})
         if text:
             data["text"] = {k: text[k] for k in ("exports", "queries", "n_tokens", "load_s", "torch_free")}
         out.write_text(json.dumps(data, ensure_ascii=False, indent=1, default=str), encoding="utf-8")

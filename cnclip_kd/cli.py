@@ -2,12 +2,14 @@
 
 Each sub-command calls the same package function its notebook calls::
 
+    cnclip-kd demo --out out       # notebooks 01–06 on the sample data, one command
     cnclip-kd prepare sample_data/ out/data
     cnclip-kd train --train-data out/data/lmdb/train --val-data out/data/lmdb/valid ...
     cnclip-kd export-teacher my-vit-h.pt out/teachers/my-vit-h
     cnclip-kd index out/runs/demo-kd-cosine/checkpoints/epoch_latest.pt out/index/demo --data out/data
     cnclip-kd eval out/index/demo out/index/teacher
     cnclip-kd export CKPT out/deploy/image_encoder.onnx --text-out out/deploy/text_encoder.onnx
+    cnclip-kd plan --budget-ms 50  # which student meets 50 ms per query on this CPU, measured
     cnclip-kd search --index out/index/demo --text 白色连衣裙 --text-model out/deploy/text_encoder.onnx
     cnclip-kd serve --index out/index/demo --model out/deploy/image_encoder.onnx \
         --text-model out/deploy/text_encoder.onnx
@@ -165,9 +167,16 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=None, help="memory the index may take (auto)")
     p.add_argument("--k", type=int, default=10, help="evaluation depth (default 10)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--cache-dir", default=None, help="embedding chunks/cache (default: beside out_dir)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers decoding images (default: 0 on a CPU, up to 8 per GPU)")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where JPEGs are decoded (default auto: measured choice on a GPU, the CPU otherwise)")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="images per saved embedding chunk (the unit of resuming and of sharding across ranks)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available; under "
+                                                   "torchrun each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--cache-dir", default=None, help="embedding chunks/cache (default: beside out_dir; under "
+                                                     "torchrun on several nodes it must be on a shared filesystem)")
     p.add_argument("--vision-model", default=None, help="architecture of a checkpoint that does not record it")
     p.add_argument("--text-model", default=None, help="likewise")
     p.add_argument("--no-text", dest="text", action="store_false",
@@ -182,12 +191,26 @@ def _run_index(args: argparse.Namespace) -> int:
     from .evaluate import index_model
     from .gallery import gallery_from_source, gallery_from_split
 
+    d, device = None, args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: shard the embedding, rank 0 builds the index
+        from .distributed import init_distributed
+
+        d = init_distributed(None if args.device in (None, "cuda") else args.device, timeout_s=6 * 3600)
+        device = d.device
     gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source)
-    encoder = load_encoder(args.model, device=args.device, vision_model=args.vision_model,
+    encoder = load_encoder(args.model, device=device, vision_model=args.vision_model,
                            text_model=args.text_model)
     index = index_model(args.model, gallery, args.out_dir, cache_dir=args.cache_dir, kind=args.kind,
                         memory_budget_mb=args.memory_budget_mb, k=args.k, batch_size=args.batch_size,
-                        num_workers=args.num_workers, encoder=encoder, text=args.text)
+                        num_workers=args.num_workers, encoder=encoder, text=args.text, dist=d,
+                        decode=args.decode, chunk_size=args.chunk_size)
+    if d is not None:
+        from .distributed import finish_distributed
+
+        finish_distributed(d)
+    if index is None:  # a rank other than 0: its shard is saved, rank 0 built the index
+        logger.info("rank %d: embedding shard done; rank 0 builds and saves the index", d.rank)
+        return 0
     summary = {"index_dir": str(Path(args.out_dir).resolve()),
                **{k: index.stats.get(k) for k in ("kind", "n", "dim", "bytes", "build_s", "recall@10", "search_ms")},
                "eval": {k: v for k, v in index.stats["eval"].items() if k != "per_label"},
@@ -278,16 +301,24 @@ def _run_search(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="student encoders → ONNX (fp32, optional int8), checked (notebook 06)",
                        description="Export a student's image encoder to ONNX (dynamic batch, L2 normalisation in "
-                                   "the graph), check it against PyTorch on real photos and, with --int8, write "
-                                   "a dynamically quantised copy with its measured cost; with --text-out also its "
-                                   "text encoder (for text → image search). Prints the report JSON (the text "
-                                   "encoder's under \"text_encoder\").")
+                                   "the graph), check it against PyTorch on real photos, measure int8 copies "
+                                   "(dynamic and calibrated static QDQ) and keep the fastest within tolerance; "
+                                   "with --text-out also its text encoder (for text → image search). Prints the "
+                                   "report JSON (the text encoder's under \"text_encoder\"; \"serve\" names the "
+                                   "file to serve).")
     p.add_argument("checkpoint", help="student checkpoint (*.pt) or cn_clip pretrained name")
     p.add_argument("out", help="ONNX file to write, e.g. out/deploy/image_encoder.onnx")
     p.add_argument("--text-out", default=None,
                    help="also export the text encoder to this file, e.g. out/deploy/text_encoder.onnx")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                    help="also write <out>.int8.onnx (--no-int8: never; default: only when its cost is small)")
+    p.add_argument("--int8-method", choices=["auto", "dynamic", "static"], default="auto",
+                   help="image int8: dynamic, static (calibrated QDQ; for convolutional students) or auto "
+                        "(measure both, keep the fastest within tolerance; default)")
+    p.add_argument("--calibration", default=None,
+                   help="photo folder or manifest to calibrate static int8 on, e.g. your gallery (default: the "
+                        "check photos)")
+    p.add_argument("--calibration-size", type=int, default=256, help="calibration photos (seeded subset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 14 (default 17)")
     p.add_argument("--images", default=None, help="photo folder or manifest for the checks (default: sample data)")
     p.add_argument("--max-images", type=int, default=None, help="check on a random subset of this many photos")
@@ -299,7 +330,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .encoders import NoTextTowerError, load_encoder
-    from .export import ExportError, export_onnx, export_text_onnx
+    from .export import INT8_METHODS, ExportError, export_onnx, export_text_onnx
 
     kwargs = {"quantize": args.int8, "opset": args.opset, "images": args.images, "max_images": args.max_images,
               "threads": args.threads}
@@ -308,13 +339,56 @@ def _run_export(args: argparse.Namespace) -> int:
         # Both towers from one load of the checkpoint.
         source = load_encoder(args.checkpoint, device="cpu", precision="fp32", **arch) if args.text_out \
             else args.checkpoint
-        report = export_onnx(source, args.out, **kwargs, **arch)
+        methods = INT8_METHODS if args.int8_method == "auto" else (args.int8_method,)
+        report = export_onnx(source, args.out, **kwargs, **arch, int8_methods=methods,
+                             calibration_images=args.calibration, calibration_size=args.calibration_size)
         if args.text_out:
             report["text_encoder"] = export_text_onnx(source, args.text_out, **kwargs)
     except (ExportError, NoTextTowerError, ValueError) as err:
         logger.error("%s", err)
         return 2
     sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from .plan import BACKENDS, DEFAULT_CANDIDATES
+
+    p = sub.add_parser("plan", help="which student meets a query-latency budget on this CPU, measured (notebook 06)",
+                       description="Time candidate students (cn_clip architectures at input sides, random weights) "
+                                   "with each serving back-end end to end on this machine — decode + encode + "
+                                   "search at the index size given — print which meet the budget, the choice, and "
+                                   "the commands that train (by distillation) and export it. Says what the CPU "
+                                   "has (AVX2 / AVX-512 / VNNI / AMX). Run it on an otherwise idle machine.")
+    p.add_argument("--budget-ms", type=float, default=50.0, help="p50 budget of one query, end to end (default 50)")
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help="ARCH@SIDE, comma-separated, best expected quality first (default: %(default)s)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="back-ends to time (default: %(default)s)")
+    p.add_argument("--gallery", type=int, default=100_000, help="index size in vectors (default 100000)")
+    p.add_argument("--query-size", default="800x800", help="query photo WIDTHxHEIGHT (default 800x800)")
+    p.add_argument("--queries", type=int, default=3, help="different query photos (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over the queries (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="threads per back-end (default 2)")
+    p.add_argument("--teacher", default="ViT-H-14", help="teacher named in the training command")
+    p.add_argument("--work-dir", default="out/plan", help="models, indexes and plan.json (reused; default out/plan)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of Markdown")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    try:
+        width, height = (int(v) for v in args.query_size.lower().split("x"))
+        result = plan(args.budget_ms, candidates=[c for c in args.candidates.split(",") if c.strip()],
+                      backends=[b.strip() for b in args.backends.split(",") if b.strip()], gallery=args.gallery,
+                      query_size=(width, height), queries=args.queries, repeats=args.repeats, threads=args.threads,
+                      work_dir=args.work_dir, teacher=args.teacher)
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    out = json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else result.markdown()
+    sys.stdout.write(out + "\n")
     return 0
 
 
@@ -392,6 +466,44 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run notebooks 01–06 on the sample data into one folder (resumable)",
+                       description="Run notebooks 01–06 in order through papermill (their defaults, one shared "
+                                   "OUTPUT_DIR), keep the executed copies in OUT/notebooks/ and print a summary: "
+                                   "the comparison table, the figures, the deployed encoder and its query latency. "
+                                   "Rerunning skips the notebooks that are already complete for the same inputs.")
+    p.add_argument("--out", default="out", help="output folder: new, empty, or an earlier demo's (default: out)")
+    from .demo import PRESETS
+
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
+                   help="demo: the notebooks' own defaults (default); tiny: a smoke test in a few minutes")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NOTEBOOK.NAME=VALUE",
+                   help="set a notebook parameter, e.g. -p 02.MAX_EPOCHS=20 (NAME=VALUE: every notebook that "
+                        "has NAME); repeatable")
+    p.add_argument("--notebooks", default=None, help="folder with the notebooks (default: the checkout's notebooks/)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, parse_overrides, run_demo
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines repeat ours
+
+    def progress(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    try:
+        summary = run_demo(args.out, args.preset, parse_overrides(args.params, args.notebooks),
+                           notebooks_dir=args.notebooks, progress=progress)
+    except DemoError as err:
+        sys.stdout.flush()
+        sys.stderr.write(f"cnclip-kd demo: error: {err}\n")
+        return 1
+    sys.stdout.write("\n" + summary.to_text() + "\n")
+    return 0
+
+
 def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
     """The ``cnclip-kd`` argument parser with all sub-commands (``serve_only``: just ``serve``, whose
     path must not import torch, which the ``train`` flags need)."""
@@ -408,7 +520,9 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_search(sub)
     _add_export(sub)
+    _add_plan(sub)
     _add_serve(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -215,6 +215,7 @@ class OnnxEncoder:
         resolution: Input side R.
         dim: Embedding size D.
         precision: ``"fp32"`` or ``"int8"`` (from the file's metadata).
+        int8_method: ``"dynamic"`` or ``"static"`` for an int8 model (older exports: ``None``).
         fingerprint: The source weights' fingerprint (as the index records it), or ``None``.
         threads: Intra-op threads (``None``: ONNX Runtime's default).
         name: ``"onnx-fp32"`` / ``"onnx-int8"``.
@@ -235,6 +236,7 @@ class OnnxEncoder:
         self.resolution = int(meta.get(_META + "resolution") or inp.shape[-1])
         self.dim = int(meta.get(_META + "dim") or self.session.get_outputs()[0].shape[-1])
         self.precision = meta.get(_META + "precision", "fp32")
+        self.int8_method = meta.get(_META + "int8_method") or None if self.precision == "int8" else None
         self.fingerprint = meta.get(_META + "fingerprint") or None
         self._normalized = meta.get(_META + "l2_normalized", "1") == "1"
         self._input = inp.name

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import time
@@ -51,7 +52,8 @@ from .images import CLIP_MEAN, CLIP_STD, BadImageError, load_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECK_QUERIES", "ExportError", "export_onnx", "export_text_onnx", "int8_path"]
+__all__ = ["CHECK_QUERIES", "INT8_METHODS", "ExportError", "choose_int8", "export_onnx", "export_text_onnx",
+           "int8_path", "quantize_image_onnx", "serving_choice"]
 
 _META = "cnclip_kd."
 
@@ -167,39 +169,130 @@ def _drop_preprocess_advice(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR or not (record.name == "root" or "quantiz" in record.getMessage().lower())
 
 
-def _quantize_file(src: Path, dst: Path, meta: Mapping[str, Any]) -> float:
+@contextlib.contextmanager
+def _quantizer_input(src: Path, dst: Path, preprocess: bool):
+    """The model the quantiser reads: ``src`` itself, or ``src`` pre-processed for quantisation.
+
+    Pre-processing (``quant_pre_process``: shape inference and ONNX Runtime's
+    basic optimisations, which fold the exporter's weight subgraphs into
+    initializers) is needed for a convolutional model: in the raw export a
+    Conv weight is not an initializer, which both quantisers require. Symbolic
+    shape inference is skipped (it fails on these graphs and is not needed).
+    onnxruntime's advice logged on the root logger is dropped meanwhile.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(f"{dst.stem}.pre.onnx")
+    root = logging.getLogger()
+    root.addFilter(_drop_preprocess_advice)
+    try:
+        if preprocess:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        yield pre if preprocess else src
+    finally:
+        root.removeFilter(_drop_preprocess_advice)
+        pre.unlink(missing_ok=True)
+
+
+def _quantize_file(src: Path, dst: Path, meta: Mapping[str, Any], *, preprocess: bool = False) -> float:
     """ONNX Runtime dynamic int8 of ``src`` into ``dst`` (signed per-channel weights, 7-bit range); seconds taken."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     t0 = time.perf_counter()
-    root = logging.getLogger()
-    root.addFilter(_drop_preprocess_advice)  # quantize_dynamic logs advice for static quantisation
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-    finally:
-        root.removeFilter(_drop_preprocess_advice)
-    _set_metadata(dst, {**meta, "precision": "int8"})
+    with _quantizer_input(src, dst, preprocess) as model:
+        quantize_dynamic(str(model), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    _set_metadata(dst, {**meta, "precision": "int8", "int8_method": "dynamic"})
     return round(time.perf_counter() - t0, 2)
 
 
-def _int8_verdict(block: dict, report: dict, quantize: bool | None, min_cos: float, max_drop: float) -> dict:
-    """Fill ``p@10_drop``, ``kept`` and ``reason`` of an int8 block: the same rule for both towers."""
-    p_ref, p_q = report["fp32"]["p@10"], block["p@10"]
+def _tolerance(block: dict, fp32: Mapping[str, Any], min_cos: float, max_drop: float) -> tuple[bool, str]:
+    """Whether an int8 block is within the tolerance (mean cosine to PyTorch and P@10 drop), and its cost in words."""
+    p_ref, p_q = fp32["p@10"], block["p@10"]
     drop = None if p_ref is None or p_q is None else round(p_ref - p_q, 4)
     block["p@10_drop"] = drop
     within = block["cosine_mean"] >= min_cos and (drop is None or drop <= max_drop)
     cost = (f"cosine to PyTorch {block['cosine_mean']:.4f} (min {block['cosine_min']:.4f}), "
             f"P@10 {'n/a' if drop is None else f'{p_q:.3f} vs {p_ref:.3f}'}, "
-            f"{block['encode_ms']:.1f} vs {report['fp32']['encode_ms']:.1f} ms")
-    if quantize is None:
-        block["kept"] = within
-        block["reason"] = ("within" if within else "over") + f" tolerance: {cost}"
+            f"{block['encode_ms']:.1f} vs {fp32['encode_ms']:.1f} ms")
+    return within, cost
+
+
+def choose_int8(candidates: Mapping[str, dict], fp32: Mapping[str, Any], *, quantize: bool | None = None,
+                min_cosine: float = 0.99, max_p10_drop: float = 0.02) -> dict:
+    """Pick the int8 model to keep among the measured quantisation methods.
+
+    The rule: a method is *within tolerance* when its mean cosine to PyTorch is
+    ≥ ``min_cosine`` and its category P@10 is at most ``max_p10_drop`` below
+    fp32's (or P@10 cannot be measured). The **fastest** method within
+    tolerance (batch-1 ``encode_ms``) is kept. When none is within tolerance,
+    the most faithful one (highest mean cosine) is reported and kept only if
+    int8 was requested (``quantize=True``, with a warning).
+
+    Every candidate block gains ``method``, ``within_tolerance``, ``p@10_drop``,
+    ``kept`` and ``reason``.
+
+    Args:
+        candidates: Method name → measured block (``cosine_mean``, ``cosine_min``, ``p@10``, ``encode_ms``).
+        fp32: The fp32 block (``p@10``, ``encode_ms``).
+        quantize: ``True``: int8 was requested; ``None``: keep only within tolerance.
+        min_cosine: See above.
+        max_p10_drop: See above.
+
+    Returns:
+        The chosen block (the same dict as in ``candidates``).
+
+    Raises:
+        ValueError: ``candidates`` is empty.
+    """
+    if not candidates:
+        raise ValueError("no int8 candidate was measured")
+    costs = {}
+    for method, block in candidates.items():
+        block["method"] = method
+        block["within_tolerance"], costs[method] = _tolerance(block, fp32, min_cosine, max_p10_drop)
+        block["kept"] = False
+    within = [m for m, b in candidates.items() if b["within_tolerance"]]
+    if within:
+        method = min(within, key=lambda m: candidates[m]["encode_ms"])
+        why = ("requested; " if quantize else "") + f"the fastest int8 within tolerance ({method})"
     else:
-        block["kept"] = True
-        block["reason"] = f"requested: {cost}"
-        if not within:
-            logger.warning("int8 model is over the tolerance (%s) but was requested; check its cost", cost)
-    return block
+        method = max(candidates, key=lambda m: candidates[m]["cosine_mean"])
+        why = ("requested" if quantize else "over tolerance") + f": none within tolerance, the most faithful is {method}"
+        if quantize:
+            logger.warning("int8 (%s) is over the tolerance (%s) but was requested; check its cost", method,
+                           costs[method])
+    chosen = candidates[method]
+    chosen["kept"] = bool(within) or bool(quantize)
+    others = "; ".join(f"{m}: {costs[m]}" + ("" if candidates[m]["within_tolerance"] else " (over tolerance)")
+                       for m in candidates if m != method)
+    for m, block in candidates.items():
+        block["reason"] = f"{why}: {costs[method]}" + (f"; {others}" if others else "") if m == method else \
+            ("within" if block["within_tolerance"] else "over") + f" tolerance, not chosen: {costs[m]}"
+    return chosen
+
+
+def serving_choice(report: Mapping[str, Any]) -> dict:
+    """What to serve from an export report: the fastest of fp32 and the kept int8 model within tolerance.
+
+    fp32 is always within tolerance (it was checked against PyTorch); an int8
+    model kept only because it was requested, over tolerance, is never chosen
+    here (pass its path explicitly to serve it).
+
+    Returns:
+        ``{"precision", "method", "path", "encode_ms", "reason"}``.
+    """
+    fp32 = report["fp32"]
+    q = report.get("int8")
+    options = [("fp32", None, fp32["path"], fp32["encode_ms"])]
+    if q and q.get("kept") and q.get("within_tolerance") and q.get("path"):
+        options.append(("int8", q.get("method"), q["path"], q["encode_ms"]))
+    precision, method, path, ms = min(options, key=lambda o: o[3])
+    what = f"int8 ({method})" if precision == "int8" else "fp32"
+    if len(options) == 1:
+        reason = "fp32: no int8 model within tolerance" if q else "fp32: int8 not measured"
+    else:
+        reason = f"{what}: the fastest within tolerance ({options[0][3]:.1f} ms fp32 vs {options[1][3]:.1f} ms int8)"
+    return {"precision": precision, "method": method, "path": path, "encode_ms": ms, "reason": reason}
 
 
 def _torchscript_export(module: torch.nn.Module, args: tuple, path: Path, name: str, opset: int, *,
@@ -276,18 +369,137 @@ def _resolve_source(source: Any, vision_model: str | None, text_model: str | Non
     return copy.deepcopy(visual).to("cpu", torch.float32).eval(), name, fingerprint
 
 
-def _quantize_image(src: Path, dst: Path, meta: dict, pixels: np.ndarray, ref: np.ndarray, labels: Sequence[str],
-                    report: dict, quantize: bool | None, threads: int | None, timing_runs: int, max_drop: float,
-                    min_cos: float) -> dict:
-    """Dynamic int8 of the image model ``src`` into ``dst``, measured against PyTorch; decides whether it is kept."""
-    quantize_s = _quantize_file(src, dst, meta)
+def _quantize_static_file(src: Path, dst: Path, meta: Mapping[str, Any], calibration: np.ndarray,
+                          batch_size: int = 8) -> float:
+    """ONNX Runtime **static** int8 (QDQ) of the image model ``src`` into ``dst``; seconds taken.
+
+    Activation ranges are calibrated (min/max) on ``calibration`` pixels; the
+    raw export is pre-processed first (:func:`_quantizer_input`). Weights are signed 8-bit per channel at a
+    7-bit range, as the dynamic model, so AVX2 CPUs without VNNI do not saturate.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Pixels(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(range(0, len(calibration), batch_size))
+
+        def get_next(self):
+            start = next(self.batches, None)
+            return None if start is None else {ONNX_INPUT: calibration[start:start + batch_size]}
+
+    t0 = time.perf_counter()
+    with _quantizer_input(src, dst, preprocess=True) as model:
+        # MinMax keeps only each tensor's per-batch min and max (the augmented model reduces them), so a few
+        # hundred photos cost little memory. (Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the
+        # batches it has collected when that limit is reached instead of folding them into the ranges.)
+        quantize_static(str(model), str(dst), _Pixels(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    _set_metadata(dst, {**meta, "precision": "int8", "int8_method": "static"})
+    return round(time.perf_counter() - t0, 2)
+
+
+#: How the image export can quantise to int8: ONNX Runtime's **dynamic** quantisation (int8 weights, activation
+#: ranges found at run time; convolutions become ConvInteger, which is slow) and **static** QDQ (activation ranges
+#: calibrated on gallery photos; fast for convolutional and transformer students alike).
+INT8_METHODS = ("dynamic", "static")
+
+
+def _measure_int8_image(method: str, src: Path, dst: Path, meta: dict, pixels: np.ndarray, ref: np.ndarray,
+                        labels: Sequence[str], calibration: np.ndarray, threads: int | None,
+                        timing_runs: int) -> dict:
+    """int8 (``method``) of the image model ``src`` into ``dst``, measured against PyTorch: its block."""
+    if method == "dynamic":
+        quantize_s = _quantize_file(src, dst, meta, preprocess=True)
+    elif method == "static":
+        quantize_s = _quantize_static_file(src, dst, meta, calibration)
+    else:
+        raise ValueError(f"unknown int8 method {method!r}; choose from {INT8_METHODS}")
     enc = OnnxEncoder(dst, threads=threads)
     got = _batched(enc.encode, pixels)
     cos = (got * ref).sum(1)
-    block = {"mb": round(dst.stat().st_size / 2 ** 20, 2), "cosine_min": float(cos.min()),
-             "cosine_mean": float(cos.mean()), "encode_ms": _median_ms(enc.encode, pixels[:1], timing_runs),
-             **_metric_fields(_category_metrics(got, labels)), "quantize_s": quantize_s}
-    return _int8_verdict(block, report, quantize, min_cos, max_drop)
+    return {"mb": round(dst.stat().st_size / 2 ** 20, 2), "cosine_min": float(cos.min()),
+            "cosine_mean": float(cos.mean()), "encode_ms": _median_ms(enc.encode, pixels[:1], timing_runs),
+            **_metric_fields(_category_metrics(got, labels)), "quantize_s": quantize_s}
+
+
+def quantize_image_onnx(src: str | os.PathLike, dst: str | os.PathLike, method: str = "static", *,
+                        calibration_images: str | os.PathLike | None = None, calibration_size: int = 64,
+                        seed: int = 0) -> dict:
+    """Quantise an exported image model (:func:`export_onnx`'s fp32 file) to int8 with ``method``, unchecked.
+
+    For timing and planning (``cnclip-kd plan``, ``benchmarks/query_latency.py``),
+    where every method's file is wanted side by side; a model to deploy is
+    exported with :func:`export_onnx`, which measures each method against
+    PyTorch and keeps the fastest within tolerance. Written to a temp name and
+    renamed into place.
+
+    Args:
+        src: The fp32 ``.onnx`` image model.
+        dst: Where the int8 model goes.
+        method: ``"dynamic"`` or ``"static"`` (:data:`INT8_METHODS`).
+        calibration_images: Photos for static calibration (default: the sample data).
+        calibration_size: Calibration photos (seeded subset).
+        seed: Seeds the subset.
+
+    Returns:
+        ``{"path", "method", "mb", "quantize_s", "calibration"}`` (``calibration`` None for dynamic).
+
+    Raises:
+        ValueError: Unknown method.
+        FileNotFoundError: No ``src``.
+    """
+    if method not in INT8_METHODS:
+        raise ValueError(f"unknown int8 method {method!r}; choose from {INT8_METHODS}")
+    src, dst = Path(src), Path(dst)
+    enc = OnnxEncoder(src)  # FileNotFoundError / ValueError (a text model) with the fix in the message
+    meta = {k[len(_META):]: v for k, v in enc.session.get_modelmeta().custom_metadata_map.items()
+            if k.startswith(_META)}
+    resolution = enc.resolution
+    del enc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.tmp.onnx")
+    calibration = None
+    try:
+        if method == "static":
+            pics, used = _check_records(calibration_images, calibration_size, seed + 1)
+            pixels = np.stack([to_pixels(p, resolution) for p in pics])
+            calibration = _calibration_record(str(calibration_images or "sample_data"), used, seed)
+            quantize_s = _quantize_static_file(src, tmp, meta, pixels)
+        else:
+            quantize_s = _quantize_file(src, tmp, meta, preprocess=True)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(dst.resolve()), "method": method, "mb": round(dst.stat().st_size / 2 ** 20, 2),
+            "quantize_s": quantize_s, "calibration": calibration}
+
+
+def _calibration_record(source: str, records: Sequence, seed: int) -> dict:
+    """What a report records of a calibration set: where from, how many, the subset's seed and a hash of its files."""
+    names = "\n".join(str(rec.source) for rec in records)
+    return {"images": source, "n_images": len(records), "seed": seed + 1, "method": "minmax",
+            "sources_sha1": hashlib.sha1(names.encode("utf-8")).hexdigest()[:16]}
+
+
+def _calibration_pixels(calibration_images, calibration_size: int, pixels: np.ndarray, records: list,
+                        resolution: int, seed: int, check_source) -> tuple[np.ndarray, dict]:
+    """The photos static int8 is calibrated on (a seeded subset), and what the report records of them."""
+    if calibration_images is None:
+        rows = np.arange(len(pixels))
+        if len(rows) > calibration_size:
+            rows = np.sort(np.random.default_rng(seed + 1).choice(len(rows), calibration_size, replace=False))
+        calib, used, source = pixels[rows], [records[i] for i in rows], str(check_source or "sample_data")
+    else:
+        pics, used = _check_records(calibration_images, calibration_size, seed + 1)
+        calib, source = np.stack([to_pixels(p, resolution) for p in pics]), str(calibration_images)
+    return calib, _calibration_record(source, used, seed)
 
 
 def export_onnx(
@@ -306,6 +518,9 @@ def export_onnx(
     seed: int = 0,
     vision_model: str | None = None,
     text_model: str | None = None,
+    int8_methods: Sequence[str] = INT8_METHODS,
+    calibration_images: str | os.PathLike | None = None,
+    calibration_size: int = 256,
 ) -> dict:
     """Export a student's image encoder to ONNX, check it on real photos, optionally quantise to int8.
 
@@ -318,14 +533,25 @@ def export_onnx(
     Checks, on ``images`` (default: the embedded sample data, 600 photos):
     cosine between ONNX and PyTorch embeddings (fp32 must reach ``min_cosine``
     on every image, or :class:`ExportError` and nothing is written), category
-    P@10 (leave-one-out image→image) of PyTorch, fp32 and int8, and the batch-1
-    encode time of each. int8 is ONNX Runtime's dynamic quantisation with
-    signed 8-bit per-channel weights, 7-bit range (``reduce_range``: CPUs
-    without VNNI multiply u8×s8 with 16-bit saturation, which costs accuracy
-    at full range).
+    P@10 (leave-one-out image→image) of PyTorch, fp32 and each int8 model, and
+    the batch-1 encode time of each.
+
+    int8 comes two ways (``int8_methods``), both with signed 8-bit per-channel
+    weights at a 7-bit range (``reduce_range``: CPUs without VNNI multiply
+    u8×s8 with 16-bit saturation, which costs accuracy at full range):
+    ONNX Runtime's **dynamic** quantisation (activation ranges found at run
+    time; good for transformers, but it turns convolutions into ConvInteger,
+    several times *slower* than fp32) and **static** QDQ quantisation, its
+    activation ranges calibrated (min/max) on ``calibration_size`` photos
+    (default: a seeded subset of the check photos; the set is recorded in the
+    report). Of the methods within tolerance (see ``quantize``) the **fastest
+    is kept** (:func:`choose_int8`), and the report's ``serve`` names the
+    fastest of fp32 and that int8 model (:func:`serving_choice`): what
+    notebook 06 and ``cnclip-kd plan`` serve.
 
     Files (each written to a temp name and renamed into place): ``out_path``,
-    ``<stem>.int8.onnx`` (when kept) and ``<stem>.report.json`` (the returned report).
+    ``<stem>.int8.onnx`` (the kept int8 model, when one is kept) and
+    ``<stem>.report.json`` (the returned report).
 
     Args:
         source: A student checkpoint path or spec (:func:`cnclip_kd.encoders.load_encoder`),
@@ -334,6 +560,7 @@ def export_onnx(
         quantize: ``True``: also write int8; ``False``: fp32 only; ``None`` (default): write
             int8 and keep it only when its measured cost is within ``int8_max_p10_drop``
             (absolute category P@10) and ``int8_min_cosine`` (mean cosine to PyTorch).
+            Either way the fastest method within that tolerance is the one kept.
         opset: ONNX opset (≥ 14).
         images: A photo folder or manifest for the checks (default: the sample data).
         max_images: Use a seeded random subset of at most this many photos (``None``: all).
@@ -346,21 +573,31 @@ def export_onnx(
         seed: Seeds the photo subset.
         vision_model: Architecture of a checkpoint that does not record it.
         text_model: Likewise.
+        int8_methods: The int8 methods to measure, of :data:`INT8_METHODS`.
+        calibration_images: Photos (folder or manifest) to calibrate static int8 on, e.g. the
+            gallery (default: the check photos).
+        calibration_size: At most this many calibration photos (seeded subset).
 
     Returns:
         The report: ``onnx``, ``report``, ``opset``, ``resolution``, ``dim``, ``l2_normalized``,
         ``dynamic_batch``, ``source``, ``fingerprint``, ``n_images``, ``images``, ``threads``,
         ``torch`` / ``fp32`` / ``int8`` blocks (``path``, ``mb``, ``cosine_min``, ``cosine_mean``,
-        ``p@10``, ``map@10``, ``encode_ms``), ``int8["kept"]`` and ``int8["reason"]``.
+        ``p@10``, ``map@10``, ``encode_ms``); ``int8`` is the chosen method's block, with
+        ``method``, ``kept``, ``within_tolerance``, ``p@10_drop`` and ``reason``;
+        ``int8_methods`` (every measured method's block), ``calibration`` (when static int8
+        was measured: ``images``, ``n_images``, ``seed``, ``method``, ``sources_sha1``) and ``serve``.
 
     Raises:
         ExportError: Export failed, or fp32 disagrees with PyTorch.
-        ValueError: ``opset`` < 14.
+        ValueError: ``opset`` < 14, or an unknown int8 method.
     """
     import onnxruntime  # noqa: F401  (fail early when it is missing)
 
     if opset < 14:
         raise ValueError(f"opset {opset} < 14: scaled_dot_product_attention needs opset ≥ 14")
+    methods = list(dict.fromkeys(int8_methods))
+    if quantize is not False and (not methods or set(methods) - set(INT8_METHODS)):
+        raise ValueError(f"int8_methods {list(int8_methods)}: choose one or more of {INT8_METHODS}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     q_out, report_path = int8_path(out), out.with_name(f"{out.stem}.report.json")
@@ -410,9 +647,19 @@ def export_onnx(
         }
         del fp32
         if quantize is not False:
-            report["int8"] = _quantize_image(tmp, tmp_q, meta, pixels, ref, labels, report, quantize, threads,
-                                             timing_runs, int8_max_p10_drop, int8_min_cosine)
-            report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
+            calibration = None
+            if "static" in methods:
+                calibration, report["calibration"] = _calibration_pixels(
+                    calibration_images, calibration_size, pixels, records, resolution, seed, images)
+            files = {m: tmp_q.with_name(f"{tmp_q.stem}-{m}.onnx") for m in methods}
+            candidates = {m: _measure_int8_image(m, tmp, files[m], meta, pixels, ref, labels, calibration, threads,
+                                                 timing_runs) for m in methods}
+            chosen = choose_int8(candidates, report["fp32"], quantize=quantize, min_cosine=int8_min_cosine,
+                                 max_p10_drop=int8_max_p10_drop)
+            os.replace(files[chosen["method"]], tmp_q)
+            chosen["path"] = str(q_out.resolve()) if chosen["kept"] else None
+            report["int8"], report["int8_methods"] = chosen, candidates
+        report["serve"] = serving_choice(report)
         _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
     _log_export("image encoder", out, report)
     return report
@@ -694,8 +941,10 @@ def export_text_onnx(
             quantize_s = _quantize_file(tmp, tmp_q, meta)
             _, _, block = measure(OnnxTextEncoder(tmp_q, threads=threads))
             block = {"mb": round(tmp_q.stat().st_size / 2 ** 20, 2), **block, "quantize_s": quantize_s}
-            report["int8"] = _int8_verdict(block, report, quantize, int8_min_cosine, int8_max_p10_drop)
+            report["int8"] = choose_int8({"dynamic": block}, report["fp32"], quantize=quantize,
+                                         min_cosine=int8_min_cosine, max_p10_drop=int8_max_p10_drop)
             report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
+        report["serve"] = serving_choice(report)
         _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
     _log_export("text encoder", out, report)
     return report

@@ -21,25 +21,31 @@ def _run(script: str, *args: str, cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_query_latency_reports_every_backend_and_smaller_sides(tmp_path):
+def test_query_latency_reports_every_backend_model_and_smaller_sides(tmp_path):
     out = tmp_path / "latency.json"
-    _run("query_latency.py", "--preset", "tiny", "--gallery", "500", "--queries", "1", "--repeats", "1",
-         "--no-compile", "--sides", "16", "--gap-ms", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
-         cwd=tmp_path)
+    _run("query_latency.py", "--preset", "tiny,demo-resnet", "--gallery", "500", "--queries", "1", "--repeats", "1",
+         "--no-compile", "--sides", "16", "--gap-ms", "0", "--work-dir", str(tmp_path / "work"),
+         "--out", str(out), cwd=tmp_path)
     report = json.loads(out.read_text(encoding="utf-8"))
-    backends = ["torch", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8 @16px"]
+    backends = ([f"tiny · {b}" for b in ("torch", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-static",
+                                         "onnx-int8 @16px")]
+                + [f"demo-resnet · {b}" for b in ("torch", "onnx-fp32", "onnx-int8", "onnx-int8-static")])
     assert [(r["query"], r["backend"]) for r in report["rows"]] == [(q, b) for q in ("800×800", "1920×1080")
                                                                     for b in backends]
     for row in report["rows"]:
-        assert row["n"] == 1 and row["rss_mb"] > 0
+        assert row["n"] == 1 and row["rss_mb"] > 0 and row["rss_now_mb"] > 0
         assert row["total"]["p50"] >= row["encode"]["p50"] > 0
-        if row["backend"] == "torch":
+        if row["backend"] == "tiny · torch":
             assert row["speedup"] == 1.0
     assert report["side_exports"]["16"]["resolution"] == 16 and report["export"]["resolution"] == 32
     assert report["side_exports"]["16"]["int8"]["kept"]
+    # Each model's export measured both int8 methods; the ONNX processes never imported torch.
+    assert report["exports"]["demo-resnet"]["resolution"] == 64
+    assert all(set(e["int8_methods"]) == {"dynamic", "static"} for e in report["exports"].values())
+    assert report["torch_free"] and all(report["torch_free"].values())
     text = report["markdown"]
-    assert "at 32 px (the model as trained)" in text and "at any input side" in text
-    assert "16 px: 5 tokens instead of 17" in text
+    assert "a model at its own trained resolution" in text and "at any input side" in text
+    assert "16 px: 5 tokens instead of 17" in text and "onnx-int8-static" in text
 
 
 @pytest.mark.slow
