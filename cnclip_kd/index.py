@@ -30,7 +30,7 @@ from .gallery import Gallery
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXACT_MAX", "INDEX_KINDS", "GalleryIndex", "choose_index_kind"]
+__all__ = ["EXACT_MAX", "INDEX_KINDS", "GalleryIndex", "build_faiss_index", "choose_index_kind"]
 
 #: Galleries up to this size get the exact index under ``kind="auto"``.
 EXACT_MAX = 50_000
@@ -98,22 +98,139 @@ def _default_params(kind: str, n: int, dim: int) -> dict:
 
 
 def _gpu_count() -> int:
+    """GPUs faiss can use: 0 with the ``faiss-cpu`` wheel, or when ``CNCLIP_KD_FAISS_GPU=0`` is set."""
     import faiss
 
-    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+    if os.environ.get("CNCLIP_KD_FAISS_GPU", "").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    try:
+        return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+    except RuntimeError:  # a GPU build without a usable driver
+        return 0
+
+
+def _gpu_kind_ok(index) -> bool:
+    """Whether faiss has a GPU version of this index type (flat and IVF do; HNSW does not)."""
+    import faiss
+
+    return not isinstance(index, faiss.IndexHNSW)
+
+
+def _to_gpu(index):
+    """A copy of a CPU index on every GPU faiss sees (replicated), or the index itself when there is no GPU,
+    the type has no GPU version (HNSW), or the copy fails (logged)."""
+    import faiss
+
+    if _gpu_count() <= 0 or not _gpu_kind_ok(index):
+        return index
+    try:
+        options = faiss.GpuMultipleClonerOptions() if hasattr(faiss, "GpuMultipleClonerOptions") else None
+        if options is not None:
+            # GPU IVF-PQ keeps its distance tables in shared memory; 64-byte codes need fp16 tables to fit.
+            # (For IVF-Flat this flag would store fp16 vectors, so it is set for PQ only.)
+            ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+            options.useFloat16 = bool(ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ))
+            return faiss.index_cpu_to_all_gpus(index, co=options)
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError, TypeError) as err:
+        logger.warning("faiss: cannot move the index to the GPU (%s); using the CPU", err)
+        return index
+
+
+def _to_cpu(index):
+    """The CPU version of an index that may live on GPUs (what :func:`faiss.write_index` can save)."""
+    import faiss
+
+    if index.__class__.__name__.startswith(("Gpu", "IndexReplicas", "IndexShards")) and hasattr(
+            faiss, "index_gpu_to_cpu"):
+        return faiss.index_gpu_to_cpu(index)
+    return index
 
 
 def _for_search(index):
     """The index to search with: a GPU copy when faiss sees GPUs (faiss-gpu), else the CPU index itself."""
+    return _to_gpu(index)
+
+
+def build_faiss_index(emb: np.ndarray, kind: str, params: Mapping[str, Any], *, seed: int = 0,
+                      use_gpu: bool | None = None, timings: dict | None = None):
+    """Build a faiss inner-product index of one kind (what :meth:`GalleryIndex.build` does, without the gallery).
+
+    IVF kinds are trained on a sample (64 points per list, at least 16,384). With
+    GPUs (``faiss-gpu``; ``use_gpu=None`` means "when there are any"), ``flat``
+    and the IVF kinds are trained and filled on the GPU and copied back: the
+    result is always a CPU index, so what a GPU machine saves a CPU server loads.
+    HNSW has no GPU version and is always built on the CPU.
+
+    Args:
+        emb: ``[N, D]`` float32, C-contiguous.
+        kind: One of :data:`INDEX_KINDS`.
+        params: The kind's parameters (:func:`_default_params` plus overrides).
+        seed: Seeds k-means and the training sample.
+        use_gpu: Force (``True``; still CPU when faiss sees no GPU) or forbid (``False``) the GPU.
+        timings: When given, filled with ``train_s`` and ``add_s`` (seconds).
+
+    Returns:
+        ``(cpu_index, gpu_index_or_None)``: the GPU copy when it was built there, for searching.
+
+    Raises:
+        ValueError: Unknown kind.
+    """
     import faiss
 
-    if _gpu_count() <= 0 or isinstance(index, faiss.IndexHNSW):  # faiss has no GPU HNSW
-        return index
-    try:
-        return faiss.index_cpu_to_all_gpus(index)
-    except (RuntimeError, AttributeError) as err:
-        logger.warning("faiss: cannot move the index to the GPU (%s); searching on the CPU", err)
-        return index
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {('auto',) + INDEX_KINDS}")
+    n, dim = emb.shape
+    p = dict(params)
+    on_gpu = kind != "hnsw" and (use_gpu is None or use_gpu) and _gpu_count() > 0
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(p["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(p["efConstruction"])
+    else:
+        factory = {"ivf": f"IVF{p['nlist']},Flat", "ivfsq": f"IVF{p['nlist']},SQ8",
+                   "ivfpq": f"IVF{p['nlist']},PQ{p.get('m')}x{p.get('nbits')}"}[kind]
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        if kind == "ivfpq":
+            ivfpq = faiss.downcast_index(ivf)
+            ivfpq.pq.cp.seed = seed
+            ivfpq.do_polysemous_training = False  # only for Hamming pre-filtering, which we do not use; slow
+    gpu_index = None
+    if on_gpu:
+        gpu_index = _to_gpu(index)
+        if gpu_index is index:  # the copy failed (logged): build on the CPU
+            gpu_index = None
+    work = gpu_index if gpu_index is not None else index
+    t0 = time.perf_counter()
+    if kind not in ("flat", "hnsw"):
+        # Train on a sample: k-means needs far fewer points than a large gallery has.
+        n_train = min(n, max(int(p["nlist"]) * 64, 256 * 64))
+        train_rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
+        work.train(emb[train_rows])
+    t1 = time.perf_counter()
+    # Add in slices so a GPU never needs the whole gallery in flight at once (and a CPU sees no difference).
+    step = 1 << 18 if gpu_index is not None else max(n, 1)
+    for s in range(0, n, step):
+        work.add(emb[s:s + step])
+    if timings is not None:
+        timings.update(train_s=t1 - t0, add_s=time.perf_counter() - t1)
+    if gpu_index is not None:
+        index = _to_cpu(gpu_index)
+    if kind == "hnsw":
+        index.hnsw.efSearch = int(p["efSearch"])
+    elif kind != "flat":
+        nprobe = int(p["nprobe"])
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        if gpu_index is not None:
+            try:
+                faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", nprobe)
+            except (AttributeError, RuntimeError) as err:  # copy the finished CPU index (it has nprobe) again
+                logger.debug("nprobe on the GPU index: %s", err)
+                gpu_index = _to_gpu(index)
+    return index, gpu_index
 
 
 def _exact_topk(emb: np.ndarray, queries: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
@@ -142,14 +259,16 @@ class GalleryIndex:
             and what :func:`index_model` adds (``model``, ``eval``).
     """
 
-    def __init__(self, index, gallery: Gallery, stats: dict, embeddings: np.ndarray | None = None):
+    def __init__(self, index, gallery: Gallery, stats: dict, embeddings: np.ndarray | None = None, *,
+                 search_index=None):
+        index = _to_cpu(index)
         if index.ntotal != len(gallery):
             raise ValueError(f"the index holds {index.ntotal} vectors but the gallery has {len(gallery)} images")
         self.index = index
         self.gallery = gallery
         self.stats = dict(stats)
         self.embeddings = embeddings
-        self._search_index = _for_search(index)
+        self._search_index = search_index if search_index is not None else _for_search(index)
         self._row_of = {int(i): r for r, i in enumerate(gallery.ids)}
 
     def __len__(self) -> int:
@@ -162,7 +281,7 @@ class GalleryIndex:
     @classmethod
     def build(cls, embeddings: np.ndarray, gallery: Gallery, *, kind: str = "auto",
               memory_budget_mb: float | None = None, recall_sample: int = 1000, seed: int = 0,
-              params: Mapping[str, Any] | None = None) -> "GalleryIndex":
+              params: Mapping[str, Any] | None = None, use_gpu: bool | None = None) -> "GalleryIndex":
         """Build an index over the gallery's embeddings.
 
         Args:
@@ -176,6 +295,9 @@ class GalleryIndex:
             seed: Seeds k-means training and the recall sample.
             params: Override the kind's parameters (``M``, ``efConstruction``, ``efSearch``;
                 ``nlist``, ``nprobe``, ``m``, ``nbits``).
+            use_gpu: Build flat / IVF indexes on the GPU(s) when faiss sees any (``None``, the
+                default) or never (``False``); see :func:`build_faiss_index`. The saved index is a
+                CPU index either way, and searches go to the GPU whenever faiss sees one.
 
         Returns:
             The index; its :attr:`stats` describe it.
@@ -195,36 +317,15 @@ class GalleryIndex:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {('auto',) + INDEX_KINDS}")
         p = {**_default_params(kind, n, dim), **dict(params or {})}
         t0 = time.perf_counter()
-        if kind == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, int(p["M"]), faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = int(p["efConstruction"])
-        else:
-            factory = {"ivf": f"IVF{p['nlist']},Flat", "ivfsq": f"IVF{p['nlist']},SQ8",
-                       "ivfpq": f"IVF{p['nlist']},PQ{p.get('m')}x{p.get('nbits')}"}[kind]
-            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-            ivf = faiss.extract_index_ivf(index)
-            ivf.cp.seed = seed
-            if kind == "ivfpq":
-                ivfpq = faiss.downcast_index(ivf)
-                ivfpq.pq.cp.seed = seed
-                ivfpq.do_polysemous_training = False  # only for Hamming pre-filtering, which we do not use; slow
-            # Train on a sample: k-means needs far fewer points than a large gallery has.
-            n_train = min(n, max(p["nlist"] * 64, 256 * 64))
-            train_rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
-            index.train(emb[train_rows])
-            ivf.nprobe = int(p["nprobe"])
-        index.add(emb)
-        if kind == "hnsw":
-            index.hnsw.efSearch = int(p["efSearch"])
+        index, gpu_index = build_faiss_index(emb, kind, p, seed=seed, use_gpu=use_gpu)
         build_s = time.perf_counter() - t0
         est = _estimate_bytes(kind, n, dim, p)
         size = int(faiss.serialize_index(index).nbytes) if est < 512 * 2 ** 20 else int(est)
         stats = {"kind": kind, "n": int(n), "dim": int(dim), "bytes": size, "build_s": round(build_s, 4),
                  "params": p, "faiss_gpu": _gpu_count() > 0 and kind != "hnsw",
+                 "built_on": "gpu" if gpu_index is not None else "cpu",
                  "memory_budget_mb": memory_budget_mb or None}
-        obj = cls(index, gallery, stats, emb)
+        obj = cls(index, gallery, stats, emb, search_index=gpu_index)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, min(n, max(1, recall_sample)), replace=False))
         if kind == "flat":
@@ -372,7 +473,9 @@ class GalleryIndex:
                                     base=directory)
         stats = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
         emb_path = directory / "embeddings.npy"
-        embeddings = np.load(emb_path) if emb_path.is_file() else None
+        # Memory-mapped: a server answering queries by photo never touches it (at 100k × 512 it would be
+        # 200 MB of resident memory); queries by gallery item and recall checks page in what they read.
+        embeddings = np.load(emb_path, mmap_mode="r") if emb_path.is_file() else None
         return cls(index, gallery, stats, embeddings)
 
 

@@ -607,6 +607,50 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path
     return path
 
 
+def latency_quality_figure(points: Sequence[Mapping[str, Any]], *, budget_ms: float | None = None,
+                           title: str = "") -> Figure:
+    """Retrieval quality against query latency: one line per student family, one marker per variant.
+
+    Args:
+        points: Dicts with ``family`` (a line, e.g. ``"ViT"``), ``variant`` (a marker series, e.g.
+            ``"KD"``), ``latency_ms`` (x), ``quality`` (y, e.g. held-out P@10), optional
+            ``quality_sd`` (an error bar) and ``label`` (written beside the point, e.g. ``"ViT-B-16@160"``).
+        budget_ms: Draw the latency budget as a vertical line.
+        title: Figure title.
+
+    Returns:
+        The figure (save it with :func:`save_figure`).
+    """
+    setup_cjk_font()
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    markers = ["o", "s", "^", "D", "v"]
+    variants = list(dict.fromkeys(str(p["variant"]) for p in points))
+    for family in dict.fromkeys(str(p["family"]) for p in points):
+        for vi, variant in enumerate(variants):
+            pts = sorted((p for p in points if str(p["family"]) == family and str(p["variant"]) == variant),
+                         key=lambda p: p["latency_ms"])
+            if not pts:
+                continue
+            xs, ys = [p["latency_ms"] for p in pts], [p["quality"] for p in pts]
+            ax.errorbar(xs, ys, yerr=[p.get("quality_sd") or 0.0 for p in pts], marker=markers[vi % len(markers)],
+                        capsize=3, label=f"{family} · {variant}")
+            for p in pts:
+                if p.get("label") and vi == 0:
+                    ax.annotate(str(p["label"]), (p["latency_ms"], p["quality"]), textcoords="offset points",
+                                xytext=(4, -12), fontsize=8)
+    if budget_ms:
+        ax.axvline(budget_ms, color="#d62728", linestyle="--", linewidth=1, label=f"budget {budget_ms:g} ms")
+    ax.set_xlabel("query latency p50, ms (end to end, CPU)")
+    ax.set_ylabel("held-out P@10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- top-10
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,17 +51,36 @@ def test_query_latency_reports_every_backend_model_and_smaller_sides(tmp_path):
 
 @pytest.mark.slow
 def test_resolution_quality_trains_each_side_and_evaluates_resized_students(tmp_path):
-    out = tmp_path / "quality.json"
+    out, fig = tmp_path / "quality.json", tmp_path / "latency_quality.png"
+    # What `cnclip-kd plan` writes (its format; two of the counterparts timed, one left out on purpose).
+    row = {"decode": {"p50": 1.0, "p95": 1.0}, "encode": {"p50": 30.0, "p95": 31.0}, "search": {"p50": 1.0, "p95": 1.0}}
+    plan = {"budget_ms": 50.0, "gallery": 100000, "query_size": [800, 800], "cpu": {"summary": "test CPU"},
+            "rows": [{"candidate": "ViT-B-16@224", "backend": "onnx-int8-dynamic", "total": {"p50": 48.0}, **row},
+                     {"candidate": "ViT-B-16@224", "backend": "onnx-fp32", "total": {"p50": 120.0}, **row},
+                     {"candidate": "RN50@224", "backend": "onnx-int8-static", "total": {"p50": 22.5}, **row}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
     _run("resolution_quality.py", "--sides", "64,48", "--seeds", "1", "--epochs", "1", "--teacher", "random:preset:tiny",
+         "--latency", str(tmp_path / "plan.json"), "--figure", str(fig),
          "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
     report = json.loads(out.read_text(encoding="utf-8"))
-    runs = {(r["side"], r["variant"]): r for r in report["runs"]}
-    assert set(runs) == {(64, "finetune"), (64, "kd-feature"), (48, "finetune"), (48, "kd-feature"),
-                         (48, "finetune (resized only)"), (48, "kd-feature (resized only)")}
+    runs = {(r["student"], r["side"], r["variant"]): r for r in report["runs"]}
+    assert set(runs) == {("vit", 64, "finetune"), ("vit", 64, "kd-feature"), ("vit", 48, "finetune"),
+                         ("vit", 48, "kd-feature"), ("vit", 48, "finetune (resized only)"),
+                         ("vit", 48, "kd-feature (resized only)"), ("resnet", 64, "finetune"),
+                         ("resnet", 64, "kd-feature")}
     assert all(0 <= r["p@10"] <= 1 and 0 <= r["map@10"] <= 1 for r in report["runs"])
-    assert runs[(48, "finetune")]["trained_at"] == 48 and runs[(48, "finetune (resized only)")]["trained_at"] == 64
-    assert runs[(48, "finetune (resized only)")]["checkpoint"] == runs[(64, "finetune")]["checkpoint"]
-    assert "| 48 px | 37 |" in report["markdown"]
+    assert runs[("vit", 48, "finetune")]["trained_at"] == 48
+    assert runs[("vit", 48, "finetune (resized only)")]["trained_at"] == 64
+    assert runs[("vit", 48, "finetune (resized only)")]["checkpoint"] == runs[("vit", 64, "finetune")]["checkpoint"]
+    text = report["markdown"]
+    assert "| 48 px | 37 |" in text
+    # Each student beside its counterpart's best back-end; a counterpart the plan lacks is said so.
+    kd = runs[("resnet", 64, "kd-feature")]["p@10"]
+    assert f"| demo resnet | 64 px | RN50@224 | 22.5 (onnx-int8-static) |" in text and f"{kd:.3f} |" in text
+    assert "| demo vit | 64 px | ViT-B-16@224 | 48.0 (onnx-int8-dynamic) |" in text
+    assert "| demo vit | 48 px | ViT-B-16@160 | not in the plan |" in text
+    with Image.open(fig) as png:
+        assert png.format == "PNG" and png.width > png.height
 
 
 @pytest.mark.slow
@@ -76,3 +96,41 @@ def test_kd_demo_reports_every_seed_and_the_margin(tmp_path):
         assert all(0 <= r[split][k] <= 1 for split in ("test", "valid") for k in ("p@10", "map@10"))
     text = report["markdown"]
     assert "| + KD relation |" in text and "mean gap - 3 sd" in text and " ± " in text
+
+
+def test_index_scale_reports_every_kind_auto_and_the_extrapolation(tmp_path):
+    out = tmp_path / "scale.json"
+    _run("index_scale.py", "--sizes", "3000", "--kinds", "hnsw,ivfsq,ivfpq", "--queries", "64",
+         "--repeats", "10", "--threads", "1", "--work-dir", str(tmp_path), "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [(r["n"], r["kind"]) for r in report["rows"]] == [(3000, k) for k in ("flat", "hnsw", "ivfsq", "ivfpq")]
+    for r in report["rows"]:
+        assert 0 <= r["recall@10"] <= 1 and r["bytes"] > 0 and r["peak_rss_mb"] >= r["rss_mb"] > 0
+        assert r["p50_b1_ms"] > 0 and r["p50_b64_ms"] > 0
+        if r["kind"] == "flat":
+            assert r["recall@10"] == 1.0  # the reference
+    sizes = {(r["n"], r["kind"]): r["bytes"] for r in report["rows"]}
+    assert sizes[(3000, "ivfsq")] < sizes[(3000, "flat")] / 2  # 8-bit codes
+    assert report["auto"] == {"3000": "flat"}
+    assert report["verdict"]["n"] == 3000 and report["verdict"]["kind"] == "flat" and report["verdict"]["ok"]
+    assert {(e["n"], e["kind"]) for e in report["extrapolated"]} == {
+        (big, k) for big in (10_000_000, 100_000_000) for k in ("flat", "hnsw", "ivfsq", "ivfpq")}
+    assert all(e["auto"] == "ivf" for e in report["extrapolated"])
+    flat_10m = next(e for e in report["extrapolated"] if e["kind"] == "flat" and e["n"] == 10_000_000)
+    assert flat_10m["bytes"] == pytest.approx(sizes[(3000, "flat")] * 10_000_000 / 3000, rel=0.01)
+    assert "Assumptions:" in report["markdown"] and "| 3,000 | flat | ✓ |" in report["markdown"]
+    assert not list(tmp_path.glob("index_scale-*"))  # the vectors are cleaned up
+
+
+def test_gallery_throughput_times_every_stage_on_the_cpu(tmp_path):
+    out = tmp_path / "throughput.json"
+    _run("gallery_throughput.py", "--model", "teacher:random:preset:tiny", "--n", "40", "--side", "48",
+         "--batch-size", "8", "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["n"] == 40 and report["decode"] == "cpu" and report["target_img_s"] is None
+    assert set(report["seconds"]) == {"list", "decode", "encode", "embed", "index_build", "index_save"}
+    assert all(v > 0 for v in report["seconds"].values()) and report["end_to_end_img_s"] > 0
+    assert report["index"]["n"] == 40 and report["index"]["built_on"] == "cpu"
+    assert len(list((tmp_path / "work").glob("photos-40-48/c*/*.jpg"))) == 40
+    assert (tmp_path / "work" / "index" / "index.faiss").is_file()
+    assert "No GPU here" in report["markdown"] and "| **end to end**" in report["markdown"]

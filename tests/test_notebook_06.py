@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner, output_dir, data_dir):
     rec = notebook_runner("06_deploy_cpu.ipynb", {"OUTPUT_DIR": str(output_dir), "DATA_DIR": str(data_dir),
-                                                  "CHECK_IMAGES": 120, "LATENCY_REPEATS": 2, "THREADS": 1})
+                                                  "CHECK_IMAGES": 120, "LATENCY_REPEATS": 2, "THREADS": 1,
+                                                  "PLAN_CANDIDATES": "tiny,demo-resnet", "PLAN_GALLERY": 300,
+                                                  "PLAN_BUDGET_MS": 100000.0})
     # The newest student and an index built here on the test split.
     assert rec["model"] == "tiny-kd-cosine" and rec["index_built_here"] is True
     index_dir = Path(rec["index_dir"])
@@ -31,8 +33,18 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
     assert export["fp32"]["cosine_min"] >= 0.999 and export["n_images"] == 120 and export["opset"] >= 14
     int8 = rec["int8"]
     assert int8["cosine_mean"] >= 0.99 and isinstance(int8["kept"], bool) and int8["reason"]
-    assert rec["encoder"] == (int8["path"] if int8["kept"] else export["onnx"])
-    assert rec["backend"] == ("onnx-int8" if int8["kept"] else "onnx-fp32")
+    # Both int8 methods measured (static calibrated on the check photos); the one kept is the fastest within
+    # tolerance, and what is served is the faster of fp32 and it.
+    methods = rec["int8_methods"]
+    assert set(methods) == {"dynamic", "static"} and rec["calibration"]["n_images"] == 120
+    within = [m for m, b in methods.items() if b["within_tolerance"]]
+    if within:
+        assert int8["method"] == min(within, key=lambda m: methods[m]["encode_ms"]) and int8["kept"]
+    serve = rec["serve"]
+    options = [(export["fp32"]["encode_ms"], export["onnx"])] + ([(int8["encode_ms"], int8["path"])]
+                                                                  if int8["kept"] and int8["within_tolerance"] else [])
+    assert serve["path"] == min(options)[1] and rec["encoder"] == serve["path"]
+    assert rec["backend"] == ("onnx-int8" if serve["precision"] == "int8" else "onnx-fp32")
 
     # The query (first valid-split image, not in the gallery) answered with 10 results, as a fresh Retriever does.
     valid = gallery_from_split(data_dir, "valid")
@@ -48,7 +60,8 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
 
     # Latency table: every back-end, torch first (the baseline), ordered stages.
     backends = [r["backend"] for r in rec["latency"]]
-    assert backends[:3] == ["torch", "torch-bf16", "onnx-fp32"] and ("onnx-int8" in backends) == int8["kept"]
+    assert backends[:3] == ["torch", "torch-bf16", "onnx-fp32"]
+    assert backends[3:] == ([f"onnx-int8 ({int8['method']})"] if int8["kept"] else [])
     for row in rec["latency"]:
         assert row["n"] == 4 and row["total"]["p50"] <= row["total"]["p95"] and row["speedup"] > 0
     assert rec["latency"][0]["speedup"] == 1.0
@@ -63,8 +76,8 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
     assert index.stats["model"].get("text_fingerprint", text["fingerprint"]) == text["fingerprint"]
     text_int8 = rec["text_int8"]
     assert text_int8["cosine_mean"] >= 0.99 and isinstance(text_int8["kept"], bool) and text_int8["reason"]
-    assert rec["text_encoder"] == (text_int8["path"] if text_int8["kept"] else text["onnx"])
-    assert rec["text_backend"] == ("onnx-text-int8" if text_int8["kept"] else "onnx-text-fp32")
+    assert rec["text_encoder"] == rec["text_serve"]["path"]
+    assert rec["text_backend"] == ("onnx-text-int8" if rec["text_serve"]["precision"] == "int8" else "onnx-text-fp32")
     # The default text query, answered as a fresh Retriever answers it, with its timing split.
     assert rec["text_query"] == {"text": "连衣裙", "truncated": False, "n_tokens": 5,
                                  "context_length": text["context_length"]}
@@ -85,6 +98,11 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
     http = rec["http"]
     assert http["health"] == 200 and http["status"] == 200 and http["text_status"] == 200
     assert http["ids"] == rec["result_ids"] and http["text_ids"] == rec["text_result_ids"]
+    # The planner: both small candidates with every back-end, and a choice that follows its own numbers.
+    plan = rec["plan"]
+    assert [r["candidate"] for r in plan["rows"]] == ["tiny@32"] * 4 + ["demo-resnet@64"] * 4
+    assert plan["choice"]["candidate"] == "tiny@32" and plan["cpu"]["isa"] == rec["plan"]["cpu"]["isa"]
+    assert plan["choice"]["backend"] == min(plan["rows"][:4], key=lambda r: r["total"]["p50"])["backend"]
 
 
 def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_dir, data_dir, tmp_path):
@@ -98,7 +116,8 @@ def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_d
     long_query = "白色 纯棉 短袖 T恤 " * 12
     rec = notebook_runner("06_deploy_cpu.ipynb", {
         "OUTPUT_DIR": str(output_dir), "INDEX_DIR": str(index_dir), "QUANTIZE": "no", "QUERY_IMAGE": str(query),
-        "K": 5, "CHECK_IMAGES": 40, "LATENCY_REPEATS": 1, "THREADS": 1, "TEXT_QUERY": long_query})
+        "K": 5, "CHECK_IMAGES": 40, "LATENCY_REPEATS": 1, "THREADS": 1, "TEXT_QUERY": long_query,
+        "PLAN_CANDIDATES": ""})
     assert rec["model"] == "tiny-finetune" and rec["checkpoint"] == str(ckpt.resolve())  # the index's own model
     assert rec["index_built_here"] is False and (index_dir / "index.faiss").stat().st_mtime_ns == stamp
     assert rec["int8"] is None and rec["backend"] == "onnx-fp32"
@@ -114,6 +133,7 @@ def test_notebook_06_reuses_an_index_and_can_skip_int8(notebook_runner, output_d
     assert rec["text_query"]["truncated"] is True and rec["text_query"]["text"] == long_query.strip()
     assert rec["text_query"]["n_tokens"] == rec["text_query"]["context_length"] and len(rec["text_result_ids"]) == 5
     assert [r["backend"] for r in rec["text_latency"]] == ["torch-text", "onnx-text-fp32"]
+    assert rec["plan"] is None  # PLAN_CANDIDATES empty: skipped
 
 
 def test_notebook_06_without_a_model_names_the_notebook_to_run(notebook_runner, tmp_path):
