@@ -13,6 +13,7 @@ can load a saved gallery without it.
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,53 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Gallery", "embed_gallery", "gallery_from_source", "gallery_from_split", "gallery_texts"]
+__all__ = ["Gallery", "MetaRows", "choose_decode", "default_num_workers", "embed_gallery", "gallery_from_source",
+           "gallery_from_split", "gallery_texts"]
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what metadata rows may hold besides JSON types: numpy scalars (their value), paths (text)."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+class MetaRows(collections.abc.Sequence):
+    """Metadata rows held compactly: one UTF-8 JSON blob and row offsets, a fresh dict per row read.
+
+    100k rows of Python dicts take ~50 MB (more while a parse is freed); this
+    takes ~10 MB, which matters to a CPU server that only reads the rows of its
+    Top-k. Read-only: a row is decoded on access, so editing the returned dict
+    changes nothing stored.
+    """
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]]):
+        encoded = [json.dumps(dict(r), ensure_ascii=False, separators=(",", ":"), default=_plain).encode("utf-8")
+                   for r in rows]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._blob = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"metadata row {i} out of range ({len(self)} rows)")
+        return json.loads(self._blob[self._offsets[i]:self._offsets[i + 1]])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, MetaRows):
+            return self._blob == other._blob and np.array_equal(self._offsets, other._offsets)
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # mutable-looking container semantics: not hashable
+
+    def __repr__(self) -> str:
+        return f"MetaRows({len(self)} rows, {len(self._blob) / 2 ** 20:.1f} MB)"
 
 
 @dataclass(eq=False)
@@ -48,17 +95,20 @@ class Gallery:
         meta: One dict per image, in the same order: ``id``, ``image`` (file path, or ``None``
             when the image lives in an LMDB), ``caption``, ``label`` (category, ``""`` when
             unknown), ``product_id`` (``""`` when unknown), ``split`` (or ``None``), ``source``.
+            Given as a list, held as :class:`MetaRows` (compact, read-only rows).
         lmdb_dir: The prepared ``lmdb/{split}`` folder images are read from, or ``None``
             when they are read from the ``image`` paths.
     """
 
     ids: np.ndarray
-    meta: list[dict]
+    meta: Sequence[dict]
     lmdb_dir: str | None = None
     _reader: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)
+        if not isinstance(self.meta, MetaRows):
+            self.meta = MetaRows(self.meta)
         if len(self.ids) != len(self.meta):
             raise ValueError(f"{len(self.ids)} ids but {len(self.meta)} metadata rows")
         if len(np.unique(self.ids)) != len(self.ids):
@@ -116,7 +166,7 @@ class Gallery:
     def to_json(self, relative_to: str | os.PathLike | None = None) -> dict:
         """A JSON-ready description (the LMDB folder also stored relative to ``relative_to``)."""
         d = {"version": 1, "lmdb_dir": str(Path(self.lmdb_dir).resolve()) if self.lmdb_dir else None,
-             "meta": self.meta}
+             "meta": list(self.meta)}
         if self.lmdb_dir and relative_to is not None:
             d["lmdb_dir_rel"] = os.path.relpath(Path(self.lmdb_dir).resolve(), Path(relative_to).resolve())
         return d
@@ -129,7 +179,7 @@ class Gallery:
             rel = (Path(base) / d["lmdb_dir_rel"]).resolve()
             if (rel / "imgs").is_dir():
                 lmdb_dir = str(rel)
-        return cls(ids=np.asarray(ids, dtype=np.int64), meta=[dict(m) for m in d["meta"]], lmdb_dir=lmdb_dir)
+        return cls(ids=np.asarray(ids, dtype=np.int64), meta=MetaRows(d["meta"]), lmdb_dir=lmdb_dir)
 
 
 def gallery_from_split(data_dir: str | os.PathLike, split: str) -> Gallery:
@@ -169,7 +219,7 @@ def gallery_from_split(data_dir: str | os.PathLike, split: str) -> Gallery:
 
 
 def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{label}",
-                        check_images: bool = True, num_workers: int | None = None) -> Gallery:
+                        check_images: bool = True, num_workers: int | None = None, dist: Any = None) -> Gallery:
     """A gallery of photo files: a category folder, or a CSV/JSONL manifest (see :func:`cnclip_kd.data.read_source`).
 
     Args:
@@ -178,6 +228,9 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
         check_images: Decode every image once and leave out (with a warning) the ones
             that cannot be read, so embedding never stops half-way on a bad file.
         num_workers: Threads for the check (default: CPU count).
+        dist: A :class:`cnclip_kd.distributed.Dist` of a ``torchrun`` run: each rank checks a
+            contiguous slice of the images and the ranks share what they found, so every rank gets
+            the same gallery (same ids as one process would) for 1/world of the decoding.
 
     Raises:
         cnclip_kd.data.DataError: Unreadable input, MUGE data (prepare it and use
@@ -198,8 +251,16 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
                 return err.reason
             return None
 
+        rank, world = (int(dist.rank), int(dist.world_size)) if dist is not None else (0, 1)
+        lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
         with ThreadPoolExecutor(num_workers or os.cpu_count() or 1) as pool:
-            reasons = list(pool.map(ok, records))
+            reasons = list(pool.map(ok, records[lo:hi]))
+        if world > 1:
+            import torch.distributed as tdist
+
+            parts: list = [None] * world
+            tdist.all_gather_object(parts, reasons)
+            reasons = [r for part in parts for r in part]
         for rec, reason in zip(records, reasons):
             if reason:
                 logger.warning("gallery: skipped %s: %s", rec.source, reason)
@@ -220,18 +281,223 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
 
 
 class _GalleryImages:
-    """Rows of a gallery as transformed tensors (a map-style dataset for a DataLoader; no torch import here)."""
+    """Rows of a gallery as transformed tensors (a map-style dataset for a DataLoader; no torch import here).
 
-    def __init__(self, gallery: Gallery, rows: Sequence[int], transform: Callable):
+    Indexed by gallery **row**; the DataLoader's batch sampler says which rows (:func:`_chunk_batches`).
+    """
+
+    def __init__(self, gallery: Gallery, rows: Sequence[int] | None = None, transform: Callable | None = None):
         self.gallery = gallery
-        self.rows = list(rows)
+        self.rows = list(range(len(gallery))) if rows is None else list(rows)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
-        return self.transform(self.gallery.image(self.rows[i]))
+    def __getitem__(self, row: int):
+        return self.transform(self.gallery.image(int(row)))
+
+
+class _GalleryBytes(_GalleryImages):
+    """Rows of a gallery as their encoded bytes (uint8 tensors), for decoding on the GPU."""
+
+    def __getitem__(self, row: int):
+        import torch
+
+        return torch.frombuffer(bytearray(self.gallery.image_bytes(int(row))), dtype=torch.uint8)
+
+
+def _collate_list(batch: list) -> list:
+    return batch
+
+
+def _chunk_batches(chunks: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of gallery rows that never straddle a chunk, in chunk order (a DataLoader batch sampler)."""
+    return [list(range(b, min(e, b + batch_size))) for s, e in chunks for b in range(s, e, batch_size)]
+
+
+# --------------------------------------------------------------------------- decoding on the GPU
+
+
+def _tensor_transform(transform: Callable) -> Callable | None:
+    """The uint8-tensor version of a PIL transform built from torchvision's Resize / CenterCrop / ToTensor /
+    Normalize (and an RGB conversion), for images decoded on the GPU; ``None`` for anything else.
+
+    Resizing a uint8 tensor with antialias matches PIL's resize to within a grey level, so GPU-decoded
+    embeddings are close to (not bit-equal with) CPU-decoded ones.
+    """
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as F
+
+    inner = getattr(transform, "_compose", transform)
+    steps = inner.transforms if isinstance(inner, T.Compose) else [inner]
+    out: list[Callable] = []
+    for t in steps:
+        if isinstance(t, T.Resize):
+            out.append(lambda x, t=t: F.resize(x, t.size, t.interpolation, t.max_size, antialias=True))
+        elif isinstance(t, T.CenterCrop):
+            out.append(lambda x, t=t: F.center_crop(x, t.size))
+        elif isinstance(t, T.ToTensor):
+            out.append(lambda x: x.float().div_(255))
+        elif isinstance(t, T.Normalize):
+            out.append(lambda x, t=t: F.normalize(x, t.mean, t.std))
+        elif getattr(t, "__name__", "") in ("_convert_to_rgb", "_convert_image_to_rgb"):
+            continue  # decode_jpeg(mode=RGB) already gives RGB
+        else:
+            return None
+
+    def apply(x):
+        for f in out:
+            x = f(x)
+        return x
+
+    return apply
+
+
+def _is_jpeg(data) -> bool:
+    return len(data) > 3 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
+
+
+class _GpuDecoder:
+    """Encoded images → the encoder's input batch on its GPU: JPEGs through nvJPEG
+    (``torchvision.io.decode_jpeg(device="cuda")``, EXIF orientation applied), anything else (or a JPEG
+    nvJPEG refuses) through the CPU path (:func:`cnclip_kd.images.load_image` + the encoder's transform)."""
+
+    def __init__(self, encoder: ImageEncoder, gallery: Gallery, tensor_transform: Callable):
+        self.encoder = encoder
+        self.gallery = gallery
+        self.tensor_transform = tensor_transform
+
+    def __call__(self, rows: Sequence[int], data: list):
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = self.encoder.device
+        out: list = [None] * len(rows)
+        jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
+        decoded: list = []
+        if jpeg:
+            try:
+                decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=dev,
+                                      apply_exif_orientation=True)
+            except RuntimeError:  # one bad file fails the batch: decode one by one
+                decoded = []
+                for i in jpeg:
+                    try:
+                        decoded.append(decode_jpeg(data[i], mode=ImageReadMode.RGB, device=dev,
+                                                   apply_exif_orientation=True))
+                    except RuntimeError:
+                        decoded.append(None)
+        for i, img in zip(jpeg, decoded):
+            if img is not None:
+                out[i] = self.tensor_transform(img)
+        for i, x in enumerate(out):
+            if x is None:  # not a JPEG, or nvJPEG could not read it: the CPU path (raises BadImageError)
+                out[i] = self.encoder.transform(self.gallery.image(int(rows[i]))).to(dev, non_blocking=True)
+        return torch.stack(out)
+
+
+def _rate_after_first(batches: Any, sync: Callable[[], None]) -> float:
+    """Images per second over an iterable of batches, timed from the first batch on (worker start-up and
+    warm-up left out)."""
+    import time
+
+    n, t0 = 0, None
+    for size in batches:
+        if t0 is None:
+            sync()
+            t0 = time.perf_counter()
+            continue
+        n += size
+    sync()
+    return n / max(time.perf_counter() - t0, 1e-9) if t0 is not None else 0.0
+
+
+def choose_decode(encoder: ImageEncoder, gallery: Gallery, *, decode: str = "auto", batch_size: int = 64,
+                  num_workers: int = 0, sample: int | None = None) -> tuple[str, dict]:
+    """Where :func:`embed_gallery` decodes images: ``"cpu"`` (PIL in DataLoader workers) or ``"gpu"``
+    (nvJPEG through ``torchvision.io.decode_jpeg(device="cuda")``).
+
+    ``"auto"`` measures both on a sample of the gallery (decode + preprocess to the encoder's input,
+    not the encoder) and takes the faster one when the encoder runs on a CUDA device and its transform
+    has a tensor version; otherwise (a CPU encoder, no CUDA, an unknown transform) it is ``"cpu"``
+    without measuring.
+
+    Args:
+        encoder: The encoder (its device and transform decide).
+        gallery: The images (the sample is its first ``sample`` rows).
+        decode: ``"auto"``, ``"cpu"`` or ``"gpu"`` (``"gpu"`` without CUDA raises).
+        batch_size: Images per batch in the measurement.
+        num_workers: CPU decode workers in the measurement.
+        sample: Images measured per path (default: 4 batches, at least 512; the first batch is not
+            timed, so worker start-up and warm-up do not count).
+
+    Returns:
+        ``(choice, facts)``: facts hold the reason and, when measured, both rates (img/s).
+
+    Raises:
+        ValueError: Unknown ``decode``, or ``"gpu"`` where it cannot run.
+    """
+    if decode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', not {decode!r}")
+    if decode == "cpu":
+        return "cpu", {"reason": "asked for"}
+    import torch
+
+    on_cuda = encoder.device.type == "cuda" and torch.cuda.is_available()
+    tensor_tf = _tensor_transform(encoder.transform) if on_cuda else None
+    if decode == "gpu":
+        if not on_cuda or tensor_tf is None:
+            raise ValueError("decode='gpu' needs an encoder on a CUDA device with a torchvision Resize/ToTensor/"
+                             f"Normalize transform (device {encoder.device}, transform {encoder.transform!r})")
+        return "gpu", {"reason": "asked for"}
+    if not on_cuda:
+        return "cpu", {"reason": f"encoder on {encoder.device.type}"}
+    if tensor_tf is None:
+        return "cpu", {"reason": "the encoder's transform has no tensor version"}
+    from torch.utils.data import DataLoader
+
+    rows = list(range(min(len(gallery), sample or max(512, 4 * batch_size))))
+    batches = _chunk_batches([(0, len(rows))], batch_size)
+    gpu = _GpuDecoder(encoder, gallery, tensor_tf)
+
+    def sync() -> None:
+        torch.cuda.synchronize(encoder.device)
+
+    def run_cpu():
+        loader = DataLoader(_GalleryImages(gallery, transform=encoder.transform), batch_sampler=batches,
+                            num_workers=num_workers, pin_memory=True)
+        for images in loader:
+            images.to(encoder.device, non_blocking=True)
+            yield len(images)
+
+    def run_gpu():
+        loader = DataLoader(_GalleryBytes(gallery), batch_sampler=batches, num_workers=num_workers,
+                            collate_fn=_collate_list)
+        for rows_b, data in zip(batches, loader):
+            yield len(gpu(rows_b, data))
+
+    try:
+        rates = {"cpu_img_s": _rate_after_first(run_cpu(), sync), "gpu_img_s": _rate_after_first(run_gpu(), sync)}
+    except (RuntimeError, OSError) as err:
+        logger.warning("GPU decoding failed on the sample (%s); decoding on the CPU", err)
+        return "cpu", {"reason": f"GPU decode failed: {err}"}
+    choice = "gpu" if rates["gpu_img_s"] > rates["cpu_img_s"] else "cpu"
+    logger.info("decode: CPU (%d workers) %.0f img/s, GPU %.0f img/s on %d images; decoding on the %s",
+                num_workers, rates["cpu_img_s"], rates["gpu_img_s"], len(rows), choice.upper())
+    return choice, {"reason": "measured", **{k: round(v, 1) for k, v in rates.items()}}
+
+
+def default_num_workers(device_type: str, local_world_size: int = 1) -> int:
+    """DataLoader workers when none are given: 0 on a CPU (the encoder wants the cores), else the CPUs this
+    process may use split over the processes on the node, at most 8."""
+    if device_type != "cuda":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, local_world_size) - 1))
 
 
 # --------------------------------------------------------------------------- embedding
@@ -247,73 +513,161 @@ def _chunk_ok(path: Path, shape: tuple[int, int]) -> bool:
         return False
 
 
-def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.PathLike, *, batch_size: int = 64,
-                  num_workers: int = 0, chunk_size: int = 2048) -> np.ndarray:
-    """Encode every gallery image, resumably.
+def _split_even(items: Sequence, parts: int, part: int) -> list:
+    """The ``part``-th of ``parts`` contiguous, near-equal slices of ``items``."""
+    n = len(items)
+    return list(items[part * n // parts:(part + 1) * n // parts])
 
-    Chunks of ``chunk_size`` images are saved (atomically) under
-    ``out_dir/chunks-<key>-<chunk_size>/`` as they finish; a run that was
-    interrupted resumes at the first missing chunk. The key hashes the
-    encoder's fingerprint and the gallery's, so a different model or gallery
-    never reuses them. When all are done the full matrix is written to
-    ``out_dir/embeddings.npy`` (with ``embeddings.json`` naming its key) and
-    the chunks are removed; a later call with the same encoder and gallery
-    just loads it.
+
+def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.PathLike, *, batch_size: int = 64,
+                  num_workers: int | None = None, chunk_size: int = 2048, decode: str = "auto",
+                  dist: Any = None) -> np.ndarray | None:
+    """Encode every gallery image, resumably, in one process or sharded over ``torchrun`` ranks.
+
+    The gallery is cut into chunks of ``chunk_size`` rows (boundaries depend on
+    ``chunk_size`` only, never on the number of processes), saved atomically
+    under ``out_dir/chunks-<key>-<chunk_size>/`` as they finish. The key hashes
+    the encoder's fingerprint and the gallery's, so a different model or
+    gallery never reuses them. A rerun, with the same or any other number of
+    processes, encodes only the chunks that are missing.
+
+    Under ``torchrun`` (``dist`` with ``world_size > 1``, or an initialised
+    ``torch.distributed`` group) the missing chunks are split into contiguous,
+    near-equal shards, one per rank (on a fresh run: rank ``r`` takes the
+    ``r``-th contiguous slice of the gallery); every rank writes its own chunks;
+    after a barrier rank 0 merges them. Every rank must see the same
+    ``out_dir`` (across nodes: a shared filesystem).
+
+    When all chunks are there the full matrix is written to
+    ``out_dir/embeddings.npy`` (with ``embeddings.json`` naming its key and how
+    it was decoded) and the chunks are removed; a later call with the same
+    encoder and gallery just loads it.
 
     Args:
         encoder: From :func:`load_encoder`.
         gallery: The images.
         out_dir: Folder for this (model, gallery)'s embeddings.
         batch_size: Images per forward pass.
-        num_workers: DataLoader worker processes decoding images.
+        num_workers: DataLoader worker processes decoding (or, with GPU decoding, reading) images;
+            default :func:`default_num_workers` (0 on a CPU, up to 8 per GPU).
         chunk_size: Images per saved chunk.
+        decode: ``"auto"`` (measured choice on a GPU, the CPU otherwise; :func:`choose_decode`),
+            ``"cpu"`` or ``"gpu"``. GPU-decoded embeddings are close to, not bit-equal with, CPU-decoded
+            ones (another JPEG decoder and resize); chunks of both may share a cache.
+        dist: A :class:`cnclip_kd.distributed.Dist` (rank, world size) to shard over; default: the
+            initialised ``torch.distributed`` group, if any, else one process.
 
     Returns:
-        ``[N, D]`` float32, L2-normalised rows, in gallery order.
+        ``[N, D]`` float32, L2-normalised rows, in gallery order; ``None`` on ranks other than 0 of a
+        sharded run (their work is in the chunks rank 0 merged).
+
+    Raises:
+        ValueError: An empty gallery, or ranks that see different galleries or models.
+        RuntimeError: A chunk is missing after every rank finished (e.g. ``out_dir`` not shared).
     """
-    from torch.utils.data import DataLoader
+    import torch.distributed as tdist
 
     if len(gallery) == 0:
         raise ValueError("the gallery is empty")
+    rank, world = 0, 1
+    if dist is not None:
+        rank, world = int(dist.rank), int(dist.world_size)
+    elif tdist.is_available() and tdist.is_initialized():
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+    sharded = world > 1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, dim = len(gallery), encoder.dim
     key = hashlib.sha256(f"{encoder.fingerprint()}|{gallery.fingerprint()}".encode()).hexdigest()[:16]
+    if sharded:
+        keys: list = [None] * world
+        tdist.all_gather_object(keys, key)  # also the first barrier: every rank has started
+        if len(set(keys)) != 1:
+            raise ValueError(f"the ranks see different models or galleries (cache keys {keys}); every rank must "
+                             "load the same model and gallery (same files, same modification times)")
     final = out_dir / "embeddings.npy"
     emb = load_stamped(final, key, (n, dim))
     if emb is not None:
         logger.info("embeddings of %s: reusing %s", encoder.name, final)
-        return emb
+        return emb if rank == 0 else None
     chunk_dir = out_dir / f"chunks-{key}-{chunk_size}"
-    for stale in out_dir.glob("chunks-*"):
-        if stale != chunk_dir:  # another model's or gallery's partial work; it can never resume here
-            shutil.rmtree(stale, ignore_errors=True)
+    if rank == 0:
+        for stale in out_dir.glob("chunks-*"):
+            if stale != chunk_dir:  # another model's or gallery's partial work; it can never resume here
+                shutil.rmtree(stale, ignore_errors=True)
     bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     paths = [chunk_dir / f"chunk-{c:05d}.npy" for c in range(len(bounds))]
-    done = [_chunk_ok(p, (e - s, dim)) for p, (s, e) in zip(paths, bounds)]
-    n_done = sum(e - s for ok, (s, e) in zip(done, bounds) if ok)
-    if n_done:
+    todo = [c for c, (p, (s, e)) in enumerate(zip(paths, bounds)) if not _chunk_ok(p, (e - s, dim))]
+    if sharded:  # every rank scanned before anyone writes: all see the same missing list
+        tdist.barrier()
+    n_done = n - sum(bounds[c][1] - bounds[c][0] for c in todo)
+    if n_done and rank == 0:
         logger.info("embeddings of %s: resuming, %d of %d images already encoded", encoder.name, n_done, n)
-    pin = encoder.device.type == "cuda"
-    with tqdm(total=n, initial=n_done, desc=f"embedding ({Path(encoder.name).name or encoder.name})",
-              unit="img") as bar:
-        for (start, end), path, ok in zip(bounds, paths, done):
-            if ok:
-                continue
-            loader = DataLoader(_GalleryImages(gallery, range(start, end), encoder.transform), batch_size=batch_size,
-                                num_workers=num_workers, pin_memory=pin)
-            feats = []
-            for images in loader:
-                feats.append(encoder.encode(images).cpu().numpy().astype(np.float32, copy=False))
-                bar.update(len(images))
-            atomic_save_npy(path, np.concatenate(feats))
-    emb = np.concatenate([np.load(p) for p in paths]).astype(np.float32, copy=False)
+    mine = _split_even(todo, world, rank)
+    if sharded:
+        logger.info("rank %d of %d: %d of %d missing chunks (%s)", rank, world, len(mine), len(todo),
+                    f"chunks {mine[0]}…{mine[-1]}" if mine else "none")
+    how = None
+    if mine:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world if sharded else 1))
+        workers = default_num_workers(encoder.device.type, local_world) if num_workers is None else num_workers
+        how, facts = choose_decode(encoder, gallery, decode=decode, batch_size=batch_size, num_workers=workers)
+        _encode_chunks(encoder, gallery, [bounds[c] for c in mine], [paths[c] for c in mine],
+                       batch_size=batch_size, num_workers=workers, decode=how,
+                       desc=f"embedding ({Path(encoder.name).name or encoder.name})"
+                            + (f" rank {rank}/{world}" if sharded else ""),
+                       show=rank == 0)
+        logger.debug("decode choice: %s %s", how, facts)
+    if sharded:
+        tdist.barrier()  # every shard complete
+        if rank != 0:
+            return None
+    missing = [str(p) for p, (s, e) in zip(paths, bounds) if not _chunk_ok(p, (e - s, dim))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} embedding chunks are missing after every rank finished (e.g. "
+                           f"{missing[0]}); do all ranks write to the same folder (a shared filesystem across "
+                           "nodes)? Rerun to compute them.")
+    emb = np.empty((n, dim), np.float32)  # filled chunk by chunk: one copy in memory, not two
+    for p, (s, e) in zip(paths, bounds):
+        emb[s:e] = np.load(p)
     save_stamped(final, emb, key, n=n, dim=dim, encoder=encoder.name, encoder_fingerprint=encoder.fingerprint(),
-                 gallery_fingerprint=gallery.fingerprint())
+                 gallery_fingerprint=gallery.fingerprint(), world_size=world, decode=how)
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return emb
 
 
+def _encode_chunks(encoder: ImageEncoder, gallery: Gallery, bounds: Sequence[tuple[int, int]],
+                   paths: Sequence[Path], *, batch_size: int, num_workers: int, decode: str, desc: str,
+                   show: bool = True) -> None:
+    """Encode the given chunks (one DataLoader for all of them, batches never straddling a chunk) and save
+    each one atomically as soon as its last batch is done."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    batches = _chunk_batches(bounds, batch_size)
+    on_gpu = encoder.device.type == "cuda"
+    common = {"batch_sampler": batches, "num_workers": num_workers,
+              "persistent_workers": False, "prefetch_factor": 4 if num_workers else None}
+    if decode == "gpu":
+        gpu = _GpuDecoder(encoder, gallery, _tensor_transform(encoder.transform))
+        loader = DataLoader(_GalleryBytes(gallery), collate_fn=_collate_list, **common)
+        inputs = (gpu(rows, data) for rows, data in zip(batches, loader))
+    else:
+        inputs = iter(DataLoader(_GalleryImages(gallery, transform=encoder.transform), pin_memory=on_gpu, **common))
+    chunk_of = {s: (s, e, p) for (s, e), p in zip(bounds, paths)}
+    feats: list[np.ndarray] = []
+    current = None
+    total = sum(e - s for s, e in bounds)
+    with tqdm(total=total, desc=desc, unit="img", disable=not show) as bar:
+        for rows, images in zip(batches, inputs):
+            if rows[0] in chunk_of:
+                current, feats = chunk_of[rows[0]], []
+            with torch.inference_mode():
+                feats.append(encoder.encode(images).cpu().numpy().astype(np.float32, copy=False))
+            bar.update(len(rows))
+            if rows[-1] + 1 == current[1]:
+                atomic_save_npy(current[2], np.concatenate(feats))
+                feats = []
 
 
 def gallery_texts(gallery: Gallery) -> list[dict]:

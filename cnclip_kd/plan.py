@@ -32,8 +32,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "DEFAULT_CANDIDATES", "Candidate", "PlanResult", "cpu_features", "plan", "sample_queries",
-           "synthetic_index"]
+__all__ = ["BACKENDS", "DEFAULT_CANDIDATES", "Candidate", "PlanResult", "candidate_encoders", "cpu_features", "plan",
+           "sample_queries", "synthetic_index"]
 
 #: Candidates in order of expected retrieval quality, best first (Chinese-CLIP's published zero-shot results put
 #: ViT-B-16 well above RN50; a smaller input side costs a ViT some quality, measured on the demo by
@@ -250,8 +250,14 @@ def _random_checkpoint(cand: Candidate, path: Path) -> Path:
     return path
 
 
-def _encoder_files(cand: Candidate, work: Path, backends: Sequence[str], threads: int | None) -> dict[str, Path]:
-    """Back-end name → what it loads (checkpoint or ONNX file), exported once into ``work`` and reused."""
+def candidate_encoders(cand: Candidate, work: str | os.PathLike, backends: Sequence[str] = BACKENDS,
+                       threads: int | None = None) -> dict[str, Path]:
+    """Back-end name → what it loads (a random-weight checkpoint or an ONNX file) for a candidate.
+
+    Exported once into ``work/<candidate>/`` and reused: ``random.pt``, ``image_encoder.onnx`` (checked
+    against PyTorch) and ``image_encoder.int8-{dynamic,static}.onnx``.
+    """
+    work = Path(work)
     from .export import export_onnx, quantize_image_onnx
 
     folder = work / cand.name.replace("/", "-")
@@ -372,7 +378,7 @@ def plan(
         index_dir, stats = synthetic_index(work, gallery, int(cand.info()["embed_dim"]), index_kind)
         result.index_kind = stats.get("kind", index_kind)
         index = GalleryIndex.load(index_dir)
-        files = _encoder_files(cand, work, backends, threads)
+        files = candidate_encoders(cand, work, backends, threads)
         retrievers = {b: Retriever(index, make_encoder(files[b], "torch" if b == "torch" else "onnx",
                                                        threads=threads), threads=threads) for b in backends}
         runs: dict[str, list[dict]] = {b: [] for b in backends}

@@ -134,3 +134,18 @@ def test_gallery_throughput_times_every_stage_on_the_cpu(tmp_path):
     assert len(list((tmp_path / "work").glob("photos-40-48/c*/*.jpg"))) == 40
     assert (tmp_path / "work" / "index" / "index.faiss").is_file()
     assert "No GPU here" in report["markdown"] and "| **end to end**" in report["markdown"]
+
+
+def test_serving_memory_measures_a_torch_free_process_per_configuration(tmp_path):
+    out = tmp_path / "memory.json"
+    _run("serving_memory.py", "--models", "tiny", "--gallery", "600", "--index-kinds", "flat,ivfsq", "--queries", "1",
+         "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [(r["kind"], r["method"]) for r in report["rows"]] == [("flat", "dynamic"), ("flat", "static"),
+                                                                   ("ivfsq", "dynamic"), ("ivfsq", "static")]
+    for r in report["rows"]:
+        s = r["steps"]
+        assert not r["torch_imported"] and r["int8_method"] == r["method"]
+        assert 0 < s["python"] <= s["imports"] <= s["encoder session"] <= r["peak_mb"] and r["rss_mb"] <= r["peak_mb"]
+        assert 0 <= r["recall@10"] <= 1 and r["index_bytes"] > 0
+    assert "| tiny@32 (32-d) | static | ivfsq (" in report["markdown"]

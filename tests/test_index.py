@@ -17,7 +17,7 @@ from cnclip_kd.cli import main as cli_main
 from cnclip_kd.data import read_labels
 from cnclip_kd.encoders import ImageEncoder, load_encoder
 from cnclip_kd.evaluate import compare_models, discover_models, evaluate_index, latest_checkpoint
-from cnclip_kd.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split
+from cnclip_kd.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split, MetaRows
 from cnclip_kd.index import choose_index_kind, EXACT_MAX, GalleryIndex
 from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_agreement, neighbour_hits
 from cnclip_kd.models import ModelLoadError
@@ -136,6 +136,34 @@ def test_approximate_index_measures_recall(kind):
     assert rows.shape == (5, 10) and (rows >= 0).all()
     if kind == "ivfsq":
         assert idx.stats["bytes"] < 20_000 * 32 * 4 / 2  # 8-bit codes: well below the flat size
+
+
+def test_hnsw_stores_fp16_vectors_by_default_for_half_the_memory():
+    import faiss
+
+    emb = _clustered(20_000, 64, 50)
+    half = GalleryIndex.build(emb, _toy_gallery(20_000), kind="hnsw", recall_sample=300)
+    full = GalleryIndex.build(emb, _toy_gallery(20_000), kind="hnsw", params={"storage": "float32"}, recall_sample=300)
+    assert isinstance(half.index, faiss.IndexHNSWSQ) and half.stats["params"]["storage"] == "fp16"
+    assert isinstance(full.index, faiss.IndexHNSWFlat)
+    assert half.stats["recall@10"] >= full.stats["recall@10"] - 0.01 and half.stats["recall@10"] > 0.95
+    vectors = 20_000 * 64 * 4
+    assert full.stats["bytes"] - half.stats["bytes"] == pytest.approx(vectors / 2, rel=0.05)
+
+
+def test_gallery_metadata_rows_are_compact_and_read_only():
+    rows = [{"id": i, "caption": f"白色连衣裙 {i}", "label": "dress" if i % 2 else "", "image": None,
+             "score": np.float32(0.5)} for i in range(1000)]
+    gallery = Gallery(ids=np.arange(1000), meta=rows)
+    meta = gallery.meta
+    assert isinstance(meta, MetaRows) and len(meta) == 1000 and meta[7]["caption"] == "白色连衣裙 7"
+    assert meta[-1]["id"] == 999 and meta[2:4] == [meta[2], meta[3]] and meta[5]["score"] == 0.5
+    meta[3]["caption"] = "changed"  # a row read is a copy
+    assert meta[3]["caption"] == "白色连衣裙 3"
+    assert meta == [{**r, "score": 0.5} for r in rows] and list(gallery.column("label"))[:2] == ["", "dress"]
+    with pytest.raises(IndexError, match="out of range"):
+        meta[1000]
+    assert Gallery.from_json(json.loads(json.dumps(gallery.to_json())), gallery.ids).meta == meta
 
 
 def test_auto_kind_follows_size_and_memory_budget():
