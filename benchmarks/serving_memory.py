@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     for r in rows:
         s = r["steps"]
         kind = r["kind"] + (f" {r['params'].get('storage')}" if r["kind"] == "hnsw" and r.get("params") else "")
-        lines.append(f"| {r['model']} ({r['dim']}-d) | {r['method']} | {kind} ({r['recall@10']}) | {s['imports']:.0f} "
+        recall = "-" if r["recall@10"] is None else f"{r['recall@10']:.4f}"
+        lines.append(f"| {r['model']} ({r['dim']}-d) | {r['method']} | {kind} ({recall}) | {s['imports']:.0f} "
                      f"| {s['index + gallery']:.0f} | {s['encoder session']:.0f} | **{r['rss_mb']:.0f}** "
                      f"| {r['peak_mb']:.0f} | {'yes' if r['torch_imported'] else 'no'} "
                      f"| {'yes' if r['rss_mb'] <= TARGET_MB else 'no'} |")
