@@ -197,7 +197,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
         d = init_distributed(None if args.device in (None, "cuda") else args.device, timeout_s=6 * 3600)
         device = d.device
-    gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source)
+    gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source, dist=d)
     encoder = load_encoder(args.model, device=device, vision_model=args.vision_model,
                            text_model=args.text_model)
     index = index_model(args.model, gallery, args.out_dir, cache_dir=args.cache_dir, kind=args.kind,
@@ -467,14 +467,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import PRESETS
+
     p = sub.add_parser("demo", help="run notebooks 01–06 on the sample data into one folder (resumable)",
                        description="Run notebooks 01–06 in order through papermill (their defaults, one shared "
                                    "OUTPUT_DIR), keep the executed copies in OUT/notebooks/ and print a summary: "
                                    "the comparison table, the figures, the deployed encoder and its query latency. "
                                    "Rerunning skips the notebooks that are already complete for the same inputs.")
     p.add_argument("--out", default="out", help="output folder: new, empty, or an earlier demo's (default: out)")
-    from .demo import PRESETS
-
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="demo: the notebooks' own defaults (default); tiny: a smoke test in a few minutes")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NOTEBOOK.NAME=VALUE",

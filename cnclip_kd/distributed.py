@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -24,8 +25,15 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None) -> Dist:
-    """Join the process group ``torchrun`` set up (NCCL on GPU, gloo on CPU), or run alone."""
+def init_distributed(device: str | None = None, timeout_s: float | None = None) -> Dist:
+    """Join the process group ``torchrun`` set up (NCCL on GPU, gloo on CPU), or run alone.
+
+    Args:
+        device: ``cpu``, ``cuda:N`` …; default ``cuda:LOCAL_RANK`` when CUDA is there, else ``cpu``.
+        timeout_s: How long a collective (a barrier) may wait for the slowest rank; default torch's
+            (10 minutes for NCCL, 30 for gloo). Sharded gallery embedding waits at a barrier for
+            every shard, so it passes hours.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,8 +43,15 @@ def init_distributed(device: str | None = None) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def finish_distributed(d: Dist | None) -> None:
+    """Leave the process group (if this process joined one), so the process exits without warnings."""
+    if d is not None and d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

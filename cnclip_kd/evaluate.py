@@ -288,8 +288,9 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
 def index_model(spec: str | os.PathLike, gallery: Gallery, index_dir: str | os.PathLike, *,
                 cache_dir: str | os.PathLike | None = None, kind: str = "auto",
                 memory_budget_mb: float | None = None, k: int = 10, by: Sequence[str] = ("label", "product_id"),
-                batch_size: int = 64, num_workers: int = 0, device: str | None = None,
-                encoder: ImageEncoder | None = None, text: bool = True) -> GalleryIndex:
+                batch_size: int = 64, num_workers: int | None = None, device: str | None = None,
+                encoder: ImageEncoder | None = None, text: bool = True, dist: Any = None, decode: str = "auto",
+                chunk_size: int = 2048) -> GalleryIndex | None:
     """Embed a gallery with one model, build and evaluate the index, save it to ``index_dir``.
 
     What ``cnclip-kd index`` and notebook 03 do for one model. The index's
@@ -306,20 +307,27 @@ def index_model(spec: str | os.PathLike, gallery: Gallery, index_dir: str | os.P
         k: Evaluation depth.
         by: Evaluation fields.
         batch_size: Images per forward pass.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (``None``: :func:`cnclip_kd.gallery.default_num_workers`).
         device: Where the model runs.
         encoder: An already loaded encoder for ``spec`` (skips loading).
         text: Also evaluate text → image and image → text retrieval (:func:`evaluate_text`) when the
             model has a text tower, into ``stats["text_eval"]``, and save the texts and Top-10
             predictions in cn_clip's formats in the index folder (:func:`write_muge_predictions`).
+        dist: A :class:`cnclip_kd.distributed.Dist` to shard the embedding over ``torchrun`` ranks
+            (:func:`embed_gallery`); rank 0 alone builds, evaluates and saves the index.
+        decode: Where images are decoded (:func:`cnclip_kd.gallery.choose_decode`).
+        chunk_size: Images per saved embedding chunk.
 
     Returns:
-        The saved index.
+        The saved index; ``None`` on ranks other than 0 of a sharded run.
     """
     index_dir = Path(index_dir)
     encoder = encoder or load_encoder(spec, device=device)
     cache = Path(cache_dir) if cache_dir else index_dir.parent / "_embeddings" / index_dir.name
-    emb = embed_gallery(encoder, gallery, cache, batch_size=batch_size, num_workers=num_workers)
+    emb = embed_gallery(encoder, gallery, cache, batch_size=batch_size, num_workers=num_workers,
+                        chunk_size=chunk_size, decode=decode, dist=dist)
+    if emb is None:  # another rank's process: rank 0 builds the index from every rank's chunks
+        return None
     index = GalleryIndex.build(emb, gallery, kind=kind, memory_budget_mb=memory_budget_mb)
     index.stats["model"] = {"name": index_dir.name, "spec": encoder.info.get("spec", str(spec)),
                             "role": encoder.info.get("role", ""), "fingerprint": encoder.fingerprint(),
