@@ -167,6 +167,11 @@ PRESET_DEFAULTS = {
              # The sample titles are at most 13 tokens: a shorter text window is ~15 % of the CPU step.
              "context_length": 24,
              "save_epoch_frequency": 0},
+    # A smoke test of the whole kit in seconds (`cnclip-kd demo --preset tiny`): a tiny ViT student and a tiny
+    # random-weight teacher, 2 epochs. Every step runs; the numbers mean nothing.
+    "tiny": {"preset": "tiny", "teacher_model_name": "random:preset:tiny", "kd_loss": "relation",
+             "kd_loss_weight": 1.0, "batch_size": 64, "max_epochs": 2, "lr": 1e-3, "warmup": 2, "num_workers": 0,
+             "valid_epoch_interval": 1, "device": "cpu", "context_length": 24, "save_epoch_frequency": 0},
     # The real thing: ViT-B-16 from cn_clip's pretrained weights, a ModelScope teacher, a GPU.
     "base": {"vision_model": "ViT-B-16", "text_model": "RoBERTa-wwm-ext-base-chinese", "resume": "ViT-B-16",
              "kd_loss_weight": 0.5, "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100,
@@ -176,10 +181,11 @@ PRESET_DEFAULTS = {
 
 def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, /,
                   **overrides) -> TrainConfig:
-    """A :class:`TrainConfig` for notebook preset ``demo`` or ``base``; overrides with value 0/""/None are ignored.
+    """A :class:`TrainConfig` for notebook preset ``demo``, ``base`` or ``tiny`` (a smoke test); overrides with
+    value 0/""/None are ignored.
 
     Args:
-        preset: ``"demo"`` or ``"base"``.
+        preset: ``"demo"``, ``"base"`` or ``"tiny"``.
         data_dir: A prepared dataset folder (``lmdb/{train,valid}`` inside).
         out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
         **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value),
