@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit  # noqa: E402 - benchmarks/ is on sys.path when run as a script
-from query_latency import export_models, machine, make_checkpoint, make_index, make_queries  # noqa: E402
+from query_latency import export_models, machine, make_checkpoint, make_queries  # noqa: E402
 
 logger = logging.getLogger("serve_load")
 
@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     from cnclip_kd.export import int8_path
     from cnclip_kd.models import model_info
+    from cnclip_kd.plan import synthetic_index
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-load-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -268,12 +269,12 @@ def main(argv=None) -> int:
     host = machine()
     logger.info("machine: %s", host)
     arch = args.preset or args.vision_model
-    ckpt = make_checkpoint(work, args)
+    ckpt = make_checkpoint(work, arch)
     export = export_models(work, ckpt, f"image-{arch}", args.threads)
     onnx_path = str(export["onnx"]) if args.precision == "fp32" else str(int8_path(export["onnx"]))
     if not Path(onnx_path).is_file():
         p.error(f"{onnx_path}: no such export (int8 was not kept?)")
-    index_dir, _ = make_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
+    index_dir, _ = synthetic_index(work, args.gallery, int(info["embed_dim"]), args.index_kind)
     queries = make_queries(args.queries)["800×800"]
 
     alone = encode_alone(onnx_path, queries, args.threads, repeats=5)

@@ -9,7 +9,7 @@ measured query latency (notebook 06)::
 
     from cnclip_kd.demo import run_demo
 
-    summary = run_demo("out")               # ~15 minutes on 2 CPU cores
+    summary = run_demo("out")               # ~30 minutes on 2 CPU cores (notebook 06 plans ~10 of them)
     print(summary.to_text())
 
 Resumable and safe to rerun:

@@ -149,7 +149,11 @@ def test_int8_is_close_and_reports_its_cost(exported):
     assert exported["fp32"]["p@10"] == pytest.approx(exported["torch"]["p@10"], abs=0.01)
     enc = OnnxEncoder(q["path"])
     assert enc.precision == "int8" and enc.name == "onnx-int8"
-    assert "MatMulInteger" in {n.op_type for n in onnx.load(q["path"]).graph.node}
+    # The method kept (the fastest within tolerance) is what the file holds: MatMulInteger for dynamic int8,
+    # QuantizeLinear / DequantizeLinear pairs for static QDQ.
+    ops = {n.op_type for n in onnx.load(q["path"]).graph.node}
+    assert q["method"] in ("dynamic", "static") and enc.int8_method == q["method"]
+    assert ("MatMulInteger" in ops) == (q["method"] == "dynamic") and ("QuantizeLinear" in ops) == (q["method"] == "static")
 
 
 def test_export_without_int8_removes_a_stale_one(checkpoint, tmp_path):
