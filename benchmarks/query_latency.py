@@ -64,6 +64,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -209,8 +210,12 @@ def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = 
     else:
         export = export_text_onnx if text else export_onnx
         report = export(ckpt, onnx_path, quantize=True, max_images=24, threads=threads, timing_runs=3)
+        kept = (report.get("int8") or {}).get("method") if (report.get("int8") or {}).get("kept") else None
         for method, path in methods.items():
-            quantize_image_onnx(onnx_path, path, method, calibration_size=32)
+            if method == kept:  # the export already wrote this one: copy it, do not quantise it again
+                shutil.copyfile(int8_path(onnx_path), path)
+            else:
+                quantize_image_onnx(onnx_path, path, method, calibration_size=32)
     if methods:
         report["int8_files"] = {m: str(p) for m, p in methods.items()}
     return report
