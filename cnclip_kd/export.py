@@ -276,7 +276,8 @@ def serving_choice(report: Mapping[str, Any]) -> dict:
 
     fp32 is always within tolerance (it was checked against PyTorch); an int8
     model kept only because it was requested, over tolerance, is never chosen
-    here (pass its path explicitly to serve it).
+    here (pass its path explicitly to serve it). A tie (timings are rounded to
+    0.01 ms, so tiny models tie) goes to fp32, the exact one.
 
     Returns:
         ``{"precision", "method", "path", "encode_ms", "reason"}``.

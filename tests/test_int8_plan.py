@@ -60,6 +60,8 @@ def test_serving_choice_is_the_fastest_within_tolerance():
     assert serving_choice(report)["precision"] == "fp32"
     report["int8"].update(encode_ms=4.0, within_tolerance=False)  # requested over tolerance: never chosen here
     assert serving_choice(report)["path"] == "a.onnx"
+    report["int8"].update(encode_ms=10.0, within_tolerance=True)  # a tie goes to fp32, the exact one
+    assert serving_choice(report)["precision"] == "fp32"
 
 
 # --------------------------------------------------------------------------- static int8 of trained demo students
