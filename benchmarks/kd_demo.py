@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     from cnclip_kd.data import ensure_dataset
-    from cnclip_kd.experiments import PRESET_DEFAULTS, compare_kd, evaluate_teacher, preset_config
+    from cnclip_kd.experiments import compare_kd, evaluate_teacher, preset_config, preset_values
     from cnclip_kd.models import load_student
     from cnclip_kd.train import evaluate_lmdb
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                  "lr": args.lr, "preset": args.preset, "teacher_model_name": args.teacher}
     if args.views >= 0:
         overrides["augment_views"] = args.views
-    recipe = {**PRESET_DEFAULTS["demo"], **{k: v for k, v in overrides.items() if v not in (0, "", None)}}
+    recipe = preset_values("demo", **overrides)
     tag = "-".join(f"{k}{recipe[k]}" for k in ("preset", "max_epochs", "kd_loss_weight", "augment_views",
                                                "batch_size", "lr"))
     rows: list[dict] = []

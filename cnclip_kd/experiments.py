@@ -22,6 +22,7 @@ from .evaluate import evaluate_text, text_columns
 from .files import atomic_write_json
 from .gallery import embed_gallery, gallery_from_split
 from .index import GalleryIndex
+from .losses import KD_LOSSES
 from .models import load_student
 from .train import TrainConfig, encode_split, evaluate_lmdb, split_metrics, train
 
@@ -91,6 +92,9 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         R@1/5/10 and mean, category-level text → image P@10; :func:`student_text_metrics`) show what distilling
         the image tower cost the text side; ``None`` for the teacher row.
     """
+    unknown = [name for name in kd_losses if name not in KD_LOSSES]
+    if unknown:  # before any run trains, not after the first ones
+        raise ValueError(f"unknown KD loss {unknown[0]!r}; valid names: {', '.join(sorted(KD_LOSSES))}")
     rows: list[dict] = []
 
     def add(model: str, kd_loss: str | None, metrics: dict, checkpoint: str | None) -> None:
@@ -179,10 +183,30 @@ PRESET_DEFAULTS = {
 }
 
 
+# Overrides where 0 is a value, not "keep the preset's": no augmented views, seed 0.
+_ZERO_IS_A_VALUE = frozenset({"augment_views", "seed"})
+
+
+def preset_values(preset: str, /, **overrides) -> dict:
+    """The training fields of notebook preset ``preset`` with ``overrides`` on top.
+
+    An override of ``None`` or ``""`` keeps the preset's value, and so does ``0`` (the notebooks' "unset"),
+    except for ``augment_views`` and ``seed``, where 0 is a value.
+
+    Raises:
+        ValueError: Unknown preset.
+    """
+    if preset not in PRESET_DEFAULTS:
+        raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESET_DEFAULTS)}")
+    given = {k: v for k, v in overrides.items()
+             if v is not None and v != "" and (v != 0 or isinstance(v, bool) or k in _ZERO_IS_A_VALUE)}
+    return {**PRESET_DEFAULTS[preset], **given}
+
+
 def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, /,
                   **overrides) -> TrainConfig:
     """A :class:`TrainConfig` for notebook preset ``demo``, ``base`` or ``tiny`` (a smoke test); overrides with
-    value 0/""/None are ignored.
+    value 0/""/None keep the preset's value (:func:`preset_values`).
 
     Args:
         preset: ``"demo"``, ``"base"`` or ``"tiny"``.
@@ -193,9 +217,7 @@ def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
             With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
             never continues (or clashes with) a run at the model's own side.
     """
-    if preset not in PRESET_DEFAULTS:
-        raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESET_DEFAULTS)}")
-    values = {**PRESET_DEFAULTS[preset], **{k: v for k, v in overrides.items() if v not in (0, "", None)}}
+    values = preset_values(preset, **overrides)
     if values.get("image_resolution") and "name" in values:
         values["name"] = f"{values['name']}-{values['image_resolution']}px"  # its own run folder
     data_dir = Path(data_dir)

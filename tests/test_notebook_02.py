@@ -1,7 +1,8 @@
 """Notebook 02 runs the offline demo end to end: pretrained teacher → distillation → honest comparison table.
 
 It is also CI's check that distillation still *helps*: with the notebook's defaults the distilled student must
-beat the fine-tune-only student on the held-out test split by :data:`KD_MARGIN`.
+share more of the teacher's neighbours than the fine-tune-only student, by :data:`AGREEMENT_MARGIN`, and must not
+retrieve worse on the held-out test split.
 """
 
 import json
@@ -29,7 +30,9 @@ AGREEMENT_MARGIN = 0.015
 
 def test_notebook_02_demo(notebook_runner, tmp_path):
     out = tmp_path / "out"
-    rec = notebook_runner("02_distill.ipynb", {"OUTPUT_DIR": str(out)}, timeout=1200)
+    # Only the default KD loss is compared here: the cosine and feature students would double the suite's
+    # longest test, and the full table (every loss, through this notebook) is test_demo's on the tiny preset.
+    rec = notebook_runner("02_distill.ipynb", {"OUTPUT_DIR": str(out), "COMPARE_LOSSES": "relation"}, timeout=1200)
 
     # The demo teacher: ImageNet-pretrained EfficientNet-Lite2 from its PyPI package; its features of the
     # plain images and of 4 seeded augmented views were computed once.
@@ -46,10 +49,11 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
     # One validation row per validated epoch, metrics in range.
     assert rec["validation"] and all(0.0 <= v["val/p@10"] <= 1.0 for v in rec["validation"])
 
-    # The table: teacher, fine-tune without KD, and each KD loss, on the held-out test split.
+    # The table: teacher, fine-tune without KD, and the KD loss compared, on the held-out test split.
     rows = rec["comparison"]
     kinds = [r["kd_loss"] for r in rows]
-    assert kinds == ["-", "-", "cosine", "feature", "relation"]
+    assert kinds == ["-", "-", "relation"]
+    assert Path(rows[2]["checkpoint"]).resolve() == Path(rec["checkpoint"])  # section 3's run, reused
     assert rows[0]["model"].startswith("teacher") and "efficientnet-lite2" in rows[0]["model"]
     assert "fine-tuned" in rows[1]["model"]
     for r in rows:
@@ -58,7 +62,7 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
         assert r["r@1"] <= r["r@5"] <= r["r@10"]
     # CI notices when KD stops helping (margins above): the default (relation) student takes on the teacher's
     # neighbours and does not retrieve worse than the fine-tune-only student.
-    finetune, kd = rows[1], rows[4]
+    finetune, kd = rows[1], rows[2]
     assert kd["teacher@10"] - finetune["teacher@10"] >= AGREEMENT_MARGIN, (
         f"KD student shares {kd['teacher@10']:.3f} of the teacher's top-10 neighbours, fine-tune-only "
         f"{finetune['teacher@10']:.3f}: less than {AGREEMENT_MARGIN} apart, distillation stopped transferring")

@@ -786,3 +786,28 @@ def test_parser_accepts_cnclip_spellings():
     assert (args.distillation, args.kd_loss_weight, args.val_data, args.use_augment) == (False, 0.5, None, False)
     assert args.image_resolution is None
     assert parser.parse_args(["train", "--train-data", "x", "--image-resolution", "128"]).image_resolution == 128
+
+
+def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp_path):
+    from cnclip_kd.experiments import PRESET_DEFAULTS, preset_config, preset_values
+
+    demo = PRESET_DEFAULTS["demo"]
+    # The notebooks pass 0 / "" for "the preset's value" ...
+    kept = preset_values("demo", max_epochs=0, kd_loss_weight=0.0, kd_loss="", lr=None)
+    assert (kept["max_epochs"], kept["kd_loss_weight"], kept["kd_loss"], kept["lr"]) == (
+        demo["max_epochs"], demo["kd_loss_weight"], demo["kd_loss"], demo["lr"])
+    # ... but no augmented views and seed 0 are real choices (AUGMENT_VIEWS=0 used to train with the preset's 4).
+    cfg = preset_config("demo", tmp_path / "data", tmp_path / "out", augment_views=0, seed=0, max_epochs=3)
+    assert (cfg.augment_views, cfg.seed, cfg.max_epochs) == (0, 0, 3) and demo["augment_views"] == 4
+    with pytest.raises(ValueError, match="unknown PRESET 'nope'"):
+        preset_values("nope")
+
+
+def test_compare_kd_refuses_an_unknown_loss_before_training(tmp_path):
+    from cnclip_kd.experiments import compare_kd, preset_config
+
+    base = preset_config("tiny", tmp_path / "missing-data", tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown KD loss 'relaton'; valid names: cosine, feature, relation"):
+        compare_kd(base, eval_data=tmp_path / "missing-data" / "lmdb" / "test", kd_losses=["relation", "relaton"],
+                   include_teacher=False)
+    assert not (tmp_path / "out").exists()  # nothing trained
