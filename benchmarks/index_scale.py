@@ -61,19 +61,6 @@ EXTRAPOLATE = (10_000_000, 100_000_000)
 MACHINE_GIB = 24
 
 
-def _clustered(n: int, dim: int, seed: int, n_clusters: int, centre_seed: int = 0,
-               chunk: int = 100_000) -> np.ndarray:
-    """``n`` unit vectors around ``n_clusters`` shared centres (float32, built in chunks to bound memory)."""
-    centres = np.random.default_rng(centre_seed).normal(size=(n_clusters, dim)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        x = centres[rng.integers(0, n_clusters, e - s)] + 0.7 * rng.standard_normal((e - s, dim), dtype=np.float32)
-        out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
 def _rss_mb() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MiB (Linux ``/proc``; 0 elsewhere)."""
     try:
@@ -223,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from cnclip_kd.index import choose_index_kind
+    from cnclip_kd.plan import clustered_vectors
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     kinds = ["flat"] + [k for k in args.kinds.split(",") if k and k != "flat"]
@@ -237,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             clusters = max(1, n // 50)
             logger.info("N = %d: generating %d clustered vectors", n, n)
-            np.save(work / "base.npy", _clustered(n, DIM, seed=1, n_clusters=clusters))
-            np.save(work / "queries.npy", _clustered(args.queries, DIM, seed=2, n_clusters=clusters))
+            np.save(work / "base.npy", clustered_vectors(n, DIM, n_clusters=clusters, seed=1, centre_seed=0))
+            np.save(work / "queries.npy", clustered_vectors(args.queries, DIM, n_clusters=clusters, seed=2,
+                                                            centre_seed=0))
             gc.collect()
             autos[n] = choose_index_kind(n, DIM)
             for kind in kinds:

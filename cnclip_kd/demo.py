@@ -49,7 +49,8 @@ from .record import read_records
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NOTEBOOKS", "PRESETS", "DemoError", "DemoSummary", "NotebookRun", "parse_overrides", "run_demo"]
+__all__ = ["NOTEBOOKS", "PRESETS", "DemoError", "DemoSummary", "NotebookRun", "notebook_literal", "parse_overrides",
+           "run_demo"]
 
 #: The notebooks the demo runs, in order (file stems under ``notebooks/``).
 NOTEBOOKS = ("01_prepare_data", "02_distill", "03_build_index", "04_visualize_top10", "05_query_demo",
@@ -334,17 +335,25 @@ def parse_overrides(items: list[str], notebooks_dir: str | os.PathLike | None = 
     return out
 
 
-def _plain(value: Any, where: str) -> Any:
-    """A parameter value papermill writes as a literal (it quotes anything else as its ``str()``)."""
+def notebook_literal(value: Any, where: str) -> Any:
+    """``value`` as papermill writes a parameter literally (it would quote anything else as its ``str()``).
+
+    Paths become text, tuples lists, numpy scalars their value.
+
+    Raises:
+        TypeError: A value a notebook cannot receive (the message starts with ``where``).
+    """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [notebook_literal(v, where) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _plain(v, where) for k, v in value.items()}
-    raise DemoError(f"{where}: a {type(value).__name__} cannot be passed to a notebook; use numbers, strings, "
+        return {str(k): notebook_literal(v, where) for k, v in value.items()}
+    if hasattr(value, "item") and not hasattr(value, "__len__"):  # a numpy scalar
+        return notebook_literal(value.item(), where)
+    raise TypeError(f"{where}: {type(value).__name__} cannot be passed to a notebook; use numbers, strings, "
                     "booleans, lists or dicts")
 
 
@@ -369,7 +378,10 @@ def _parameters(preset: str, params: Mapping[str, Mapping[str, Any]] | None, out
         if "OUTPUT_DIR" not in known:
             raise DemoError(f"{path}: its parameters cell has no OUTPUT_DIR, so the demo cannot point it at "
                             "the output folder")
-        values = {k: _plain(v, f"{name}.{k}") for k, v in values.items()}
+        try:
+            values = {k: notebook_literal(v, f"{name}.{k}") for k, v in values.items()}
+        except TypeError as err:
+            raise DemoError(str(err)) from None
         result[name] = {**values, "OUTPUT_DIR": str(out_dir)}
     return result
 
@@ -463,25 +475,25 @@ def _missing_outputs(records: Mapping, out_dir: Path) -> list[str]:
     return missing
 
 
-def _up_to_date(entry: Mapping | None, key: str, executed: Path, out_dir: Path) -> tuple[bool, str]:
-    """Whether a notebook can be skipped, and if not, why it runs (for the progress line)."""
+def _up_to_date(entry: Mapping | None, key: str, executed: Path, out_dir: Path) -> tuple[dict | None, str]:
+    """A skippable notebook's recorded results, or ``None`` and why it runs (for the progress line)."""
     if not entry:
-        return False, ""
+        return None, ""
     if entry.get("key") != key:
-        return False, "inputs changed"
+        return None, "inputs changed"
     if entry.get("status") != "done":
-        return False, {"failed": "failed last time", "running": "interrupted last time"}.get(entry.get("status"),
-                                                                                             "not finished")
+        return None, {"failed": "failed last time", "running": "interrupted last time"}.get(entry.get("status"),
+                                                                                            "not finished")
     try:
         records = read_records(executed)
     except (OSError, ValueError) as err:
-        return False, f"executed copy unreadable ({type(err).__name__})"
+        return None, f"executed copy unreadable ({type(err).__name__})"
     if not records:
-        return False, "no recorded results in the executed copy"
+        return None, "no recorded results in the executed copy"
     missing = _missing_outputs(records, out_dir)
     if missing:
-        return False, f"{len(missing)} output(s) missing, e.g. {missing[0]}"
-    return True, ""
+        return None, f"{len(missing)} output(s) missing, e.g. {missing[0]}"
+    return records, ""
 
 
 # --- running a notebook -----------------------------------------------------------------------------------
@@ -652,11 +664,11 @@ def run_demo(out: str | os.PathLike = "out", preset: str = "demo",
             upstream = key
             entry = state["notebooks"].get(name)
             tag = f"[{i}/{len(NOTEBOOKS)}] {name}"
-            done, why = _up_to_date(entry, key, executed, out_dir)
-            if done:
+            recorded, why = _up_to_date(entry, key, executed, out_dir)
+            if recorded is not None:
                 say(f"{tag}: skipped, up to date (ran {entry.get('finished', '?')} in {entry['elapsed_s']:.1f} s)")
                 runs.append(NotebookRun(name, "skipped", entry["elapsed_s"], str(executed), values))
-                records[name] = read_records(executed)
+                records[name] = recorded
                 continue
             say(f"{tag}: running" + (f" ({why})" if why else "") + " ...")
             executed.parent.mkdir(parents=True, exist_ok=True)

@@ -252,9 +252,8 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
             return None
 
         rank, world = (int(dist.rank), int(dist.world_size)) if dist is not None else (0, 1)
-        lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
         with ThreadPoolExecutor(num_workers or os.cpu_count() or 1) as pool:
-            reasons = list(pool.map(ok, records[lo:hi]))
+            reasons = list(pool.map(ok, _split_even(records, world, rank)))
         if world > 1:
             import torch.distributed as tdist
 

@@ -32,8 +32,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "DEFAULT_CANDIDATES", "Candidate", "PlanResult", "candidate_encoders", "cpu_features", "plan",
-           "sample_queries", "synthetic_index"]
+__all__ = ["BACKENDS", "DEFAULT_CANDIDATES", "Candidate", "PlanResult", "candidate_encoders", "clustered_vectors",
+           "cpu_features", "plan", "sample_queries", "synthetic_index"]
 
 #: Candidates in order of expected retrieval quality, best first (Chinese-CLIP's published zero-shot results put
 #: ViT-B-16 well above RN50; a smaller input side costs a ViT some quality, measured on the demo by
@@ -131,11 +131,35 @@ def _info(arch: str) -> dict:
 # --------------------------------------------------------------------------- inputs (shared with the benchmark)
 
 
+def clustered_vectors(n: int, dim: int, *, n_clusters: int | None = None, seed: int = 0,
+                      centre_seed: int | None = None, chunk: int = 100_000) -> np.ndarray:
+    """``n`` float32 unit vectors around random centres, as product photos of one kind cluster.
+
+    Args:
+        n: Vectors.
+        dim: Their size.
+        n_clusters: Centres (default one per ~50 vectors).
+        seed: Seeds the vectors' centres and noise.
+        centre_seed: Seeds the centres alone (default ``seed``): queries drawn with another ``seed`` and the
+            same ``centre_seed`` fall in the gallery's clusters.
+        chunk: Vectors generated at a time, so 1M × 512 needs no float64 temporary of the whole.
+    """
+    centres = np.random.default_rng(seed if centre_seed is None else centre_seed).normal(
+        size=(n_clusters or max(1, n // 50), dim)).astype(np.float32)
+    rng = np.random.default_rng([seed, 1])
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        x = centres[rng.integers(0, len(centres), e - s)] + 0.7 * rng.standard_normal((e - s, dim), dtype=np.float32)
+        out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def synthetic_index(directory: str | os.PathLike, n: int, dim: int, kind: str = "auto", seed: int = 0):
     """A saved :class:`~cnclip_kd.index.GalleryIndex` of ``n`` clustered unit vectors (reused when there).
 
-    Clusters of ~50 vectors around random centres, as product photos of one
-    kind cluster: approximate indexes behave as they do on real embeddings.
+    Clusters of ~50 vectors (:func:`clustered_vectors`): approximate indexes
+    behave as they do on real embeddings.
 
     Returns:
         ``(index folder, its stats)``.
@@ -146,10 +170,7 @@ def synthetic_index(directory: str | os.PathLike, n: int, dim: int, kind: str = 
     index_dir = Path(directory) / f"index-{n}-{dim}-{kind}"
     if (index_dir / "stats.json").is_file():
         return index_dir, json.loads((index_dir / "stats.json").read_text(encoding="utf-8"))
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(max(1, n // 50), dim)).astype(np.float32)
-    emb = centres[rng.integers(0, len(centres), n)] + 0.7 * rng.normal(size=(n, dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = clustered_vectors(n, dim, seed=seed)
     meta = [{"id": i, "image": None, "caption": f"商品 {i}", "label": f"c{i % 100}", "product_id": f"p{i // 5}",
              "split": None} for i in range(n)]
     index = GalleryIndex.build(emb, Gallery(ids=np.arange(n), meta=meta), kind=kind)

@@ -40,6 +40,7 @@ import pytest
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
+from cnclip_kd.demo import notebook_literal
 from cnclip_kd.record import read_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,25 +75,6 @@ def _display_path(path: Path) -> str:
         return str(path.relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
-
-
-def _plain_parameter(value: Any, name: str) -> Any:
-    """Turn a test's parameter value into what papermill writes as a literal.
-
-    Papermill writes unknown types as their ``str()`` in quotes (a tuple would
-    become the string ``"(1, 2)"``), so only plain types are let through.
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain_parameter(v, name) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain_parameter(v, name) for k, v in value.items()}
-    if hasattr(value, "item"):  # numpy scalar
-        return _plain_parameter(value.item(), name)
-    raise TypeError(f"parameter {name}: {type(value).__name__} cannot be passed to a notebook")
 
 
 def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> None:
@@ -210,7 +192,7 @@ def run_notebook(
         ``cnclip_kd.record.read_records`` of the executed notebook.
     """
     notebook = resolve_notebook(name_or_path)
-    params = {name: _plain_parameter(value, name) for name, value in (parameters or {}).items()}
+    params = {name: notebook_literal(value, f"parameter {name}") for name, value in (parameters or {}).items()}
     check_parameters(notebook, params)
 
     tmp_path = Path(tmp_path)
