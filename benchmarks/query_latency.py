@@ -199,7 +199,8 @@ def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = 
     """fp32 + int8 ONNX of ``ckpt``'s image (or ``text``) tower as ``{work}/{stem}.onnx`` (reused from an
     earlier run into --work-dir). For the image tower every int8 method's file is kept side by side
     (``int8_files``: method → path): the export keeps the one it chose, the others are quantised the same way."""
-    from cnclip_kd.export import INT8_METHODS, export_onnx, export_text_onnx, int8_path, quantize_image_onnx
+    from cnclip_kd.export import export_onnx, export_text_onnx, quantize_image_onnx
+    from cnclip_kd.quantize import INT8_METHODS, int8_path
 
     onnx_path = work / f"{stem}.onnx"
     report_path = work / f"{stem}.report.json"
@@ -443,7 +444,7 @@ def _short_text_name(text_model: str | None) -> str:
 def run_text(args, work: Path, index_dir: Path) -> dict:
     """The text-query part: per text architecture, torch / ONNX fp32 / ONNX int8 text encoders, timed end to end."""
     from cnclip_kd.deploy import summarize_timings
-    from cnclip_kd.export import int8_path
+    from cnclip_kd.quantize import int8_path
     from cnclip_kd.tokenizer import tokenize
 
     text_models = [None] if args.preset else [t.strip() for t in args.text_models.split(",") if t.strip()]

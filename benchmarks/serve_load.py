@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    from cnclip_kd.export import int8_path
+    from cnclip_kd.quantize import int8_path
     from cnclip_kd.models import model_info
     from cnclip_kd.plan import synthetic_index
 

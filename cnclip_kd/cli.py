@@ -330,7 +330,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .encoders import NoTextTowerError, load_encoder
-    from .export import INT8_METHODS, ExportError, export_onnx, export_text_onnx
+    from .export import ExportError, export_onnx, export_text_onnx
+    from .quantize import INT8_METHODS
 
     kwargs = {"quantize": args.int8, "opset": args.opset, "images": args.images, "max_images": args.max_images,
               "threads": args.threads}

@@ -16,11 +16,12 @@ from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.deploy import (OnnxEncoder, Retriever, TorchEncoder, latency_markdown, load_query_image, make_encoder,
                               measure_latency, to_pixels)
-from cnclip_kd.export import ExportError, export_onnx, int8_path
+from cnclip_kd.export import ExportError, export_onnx
 from cnclip_kd.images import BadImageError, encode_jpeg, load_image
 from cnclip_kd.encoders import load_encoder
 from cnclip_kd.index import GalleryIndex
 from cnclip_kd.models import image_transform
+from cnclip_kd.quantize import int8_path
 from demo_fixtures import build_saved_index
 
 PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]

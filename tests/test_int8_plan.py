@@ -13,8 +13,9 @@ import pytest
 
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.deploy import OnnxEncoder
-from cnclip_kd.export import INT8_METHODS, choose_int8, export_onnx, int8_path, quantize_image_onnx, serving_choice
+from cnclip_kd.export import export_onnx, quantize_image_onnx
 from cnclip_kd.plan import BACKENDS, Candidate, cpu_features, plan, synthetic_index
+from cnclip_kd.quantize import INT8_METHODS, choose_int8, int8_path, serving_choice
 from demo_fixtures import train_tiny_checkpoint
 
 

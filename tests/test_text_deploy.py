@@ -29,9 +29,9 @@ from cnclip_kd.export import (
     ExportError,
     export_onnx,
     export_text_onnx,
-    int8_path,
 )
 from cnclip_kd.index import GalleryIndex
+from cnclip_kd.quantize import int8_path
 from cnclip_kd.tokenizer import QueryError, tokenize
 
 PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]
