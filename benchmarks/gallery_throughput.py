@@ -7,14 +7,14 @@ does not depend on the values): ``teacher:random:ViT-B-16`` by default.
 
 Stages, each timed on its own and then together:
 
-* **list**: :func:`cnclip_kd.gallery.gallery_from_source` over the folder (no image check).
+* **list**: :func:`cnclip_kd.retrieval.gallery.gallery_from_source` over the folder (no image check).
 * **decode**: files → the encoder's input tensors on its device, through the
-  path :func:`cnclip_kd.gallery.choose_decode` picks (on a GPU: CPU workers vs
+  path :func:`cnclip_kd.retrieval.gallery.choose_decode` picks (on a GPU: CPU workers vs
   nvJPEG measured on a sample, both rates printed; on a CPU: the CPU).
 * **encode**: the image tower alone on ready tensors (autocast bf16/fp16 on a GPU).
-* **embed**: :func:`cnclip_kd.gallery.embed_gallery` (decode + encode + chunk
+* **embed**: :func:`cnclip_kd.retrieval.gallery.embed_gallery` (decode + encode + chunk
   saves, overlapped as in real use).
-* **index**: :meth:`cnclip_kd.index.GalleryIndex.build` (``auto``) and :meth:`save`.
+* **index**: :meth:`cnclip_kd.retrieval.index.GalleryIndex.build` (``auto``) and :meth:`save`.
 
 End to end = ``n / (list + embed + index build + save)``. On CUDA the verdict
 against the target (≥ 3,000 img/s for ViT-B-16 on one H100) is printed; on a
@@ -103,14 +103,8 @@ def time_decode(encoder, gallery, how: str, batch_size: int, num_workers: int) -
     """Seconds to turn every gallery image into encoder input on the encoder's device, by ``how``."""
     from torch.utils.data import DataLoader
 
-    from cnclip_kd.gallery import (
-        _chunk_batches,
-        _collate_list,
-        _GalleryBytes,
-        _GalleryImages,
-        _GpuDecoder,
-        _tensor_transform,
-    )
+    from cnclip_kd.retrieval.gallery import (_chunk_batches, _collate_list, _GalleryBytes, _GalleryImages, _GpuDecoder,
+        _tensor_transform)
 
     batches = _chunk_batches([(0, len(gallery))], batch_size)
     t0 = time.perf_counter()
@@ -178,14 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from cnclip_kd.encoders import load_encoder
-    from cnclip_kd.gallery import (
-        choose_decode,
-        default_num_workers,
-        embed_gallery,
-        gallery_from_source,
-    )
-    from cnclip_kd.index import GalleryIndex
+    from cnclip_kd.retrieval.encoders import load_encoder
+    from cnclip_kd.retrieval.gallery import choose_decode, default_num_workers, embed_gallery, gallery_from_source
+    from cnclip_kd.retrieval.index import GalleryIndex
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"

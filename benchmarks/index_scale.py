@@ -6,15 +6,15 @@ clusters of 50, noise 0.7 per dimension: the generator of
 ``benchmarks/query_latency.py``, so every true top 10 is a choice among ~49
 near-equal cluster mates, which is hard for compressed codes); the queries are
 fresh points of the same clusters. Each index kind is built by the package's
-own :func:`cnclip_kd.index.build_faiss_index` with its default parameters
-(:func:`cnclip_kd.index._default_params`) in a process of its own, so its
+own :func:`cnclip_kd.retrieval.index.build_faiss_index` with its default parameters
+(:func:`cnclip_kd.retrieval.index._default_params`) in a process of its own, so its
 peak RSS is its own. Reported per kind: build time (IVF: train + add), index
 bytes (the saved file), process RSS after the gallery array is freed (what a
 server holds) and its peak during the build, recall@10 against exact search,
 and search p50 at batch 1 and batch 64. The exact ``flat`` index is the
 reference (its results are the ground truth).
 
-Then: which kind ``kind="auto"`` (:func:`cnclip_kd.index.choose_index_kind`)
+Then: which kind ``kind="auto"`` (:func:`cnclip_kd.retrieval.index.choose_index_kind`)
 picks at each size (and at 10M / 100M, with and without a memory budget),
 whether auto's choice at the largest measured size meets recall@10 ≥ 0.95 with
 p50 ≤ 5 ms (batch 1), and memory and build time extrapolated to 10M and 100M
@@ -89,7 +89,7 @@ def _worker(job: dict) -> dict:
     """Build and measure one index kind (runs in its own process)."""
     import faiss
 
-    from cnclip_kd.index import _default_params, build_faiss_index
+    from cnclip_kd.retrieval.index import _default_params, build_faiss_index
 
     faiss.omp_set_num_threads(job["threads"])
     work = Path(job["work"])
@@ -133,7 +133,7 @@ def _run_kind(job: dict) -> dict:
 
 def _extrapolate(row: dict, big: int) -> dict:
     """Memory and build time of ``row``'s kind at ``big`` vectors (assumptions in :data:`ASSUMPTIONS`)."""
-    from cnclip_kd.index import _default_params, _estimate_bytes
+    from cnclip_kd.retrieval.index import _default_params, _estimate_bytes
 
     n, kind = row["n"], row["kind"]
     ratio = big / n
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from cnclip_kd.index import choose_index_kind
-    from cnclip_kd.plan import clustered_vectors
+    from cnclip_kd.retrieval.index import choose_index_kind
+    from cnclip_kd.deploy.planner import clustered_vectors
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     kinds = ["flat"] + [k for k in args.kinds.split(",") if k and k != "flat"]

@@ -56,10 +56,10 @@ def main(argv=None) -> int:
     logger.setLevel(logging.INFO)
     t_start = time.perf_counter()
 
-    from cnclip_kd.data import ensure_dataset
-    from cnclip_kd.experiments import compare_kd, evaluate_teacher, preset_config, preset_values
-    from cnclip_kd.models import load_student
-    from cnclip_kd.train import evaluate_lmdb
+    from cnclip_kd.data.prepare import ensure_dataset
+    from cnclip_kd.notebook.experiments import compare_kd, evaluate_teacher, preset_config, preset_values
+    from cnclip_kd.models.students import load_student
+    from cnclip_kd.distill.validation import evaluate_lmdb
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kd-demo-"))
     data_dir = work / "data"

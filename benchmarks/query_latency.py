@@ -15,7 +15,7 @@ convolutional student needs — dynamic int8 turns convolutions into slow
 ConvInteger); for the first model also bf16 autocast and torch.compile.
 
 Every back-end runs in its own process (its own RSS, no thread pools
-fighting each other) through :class:`cnclip_kd.deploy.Retriever`; the
+fighting each other) through :class:`cnclip_kd.deploy.runtime.Retriever`; the
 coordinator sends the same query to each in turn, in a shuffled order every
 round, so a machine whose speed drifts slows them all alike. Reported: p50/p95
 of the total and its split (decode + preprocess, encode, search), the speed-up
@@ -32,12 +32,12 @@ smaller side costs in quality is ``benchmarks/resolution_quality.py``'s question
 
 Text queries (``--text``, on by default): realistic Chinese queries typed into
 the search box (Latin, digits and a query longer than the context length
-among them), end to end through :meth:`cnclip_kd.deploy.Retriever.search_text`
+among them), end to end through :meth:`cnclip_kd.deploy.runtime.Retriever.search_text`
 — check + tokenise (cn_clip's tokenizer, numpy), encode (the text tower at the
 query's own length), search — with the text tower of each ``--text-models``
 architecture (random weights; RoBERTa-wwm-ext-base-chinese: 12 layers, RBT3:
 3) as PyTorch fp32 (``torch-text``, the baseline) and ONNX fp32 / int8
-(:func:`cnclip_kd.export.export_text_onnx`), each in its own process, against
+(:func:`cnclip_kd.deploy.export.export_text_onnx`), each in its own process, against
 the same index. Printed beside the image queries, with the verdicts against
 the targets (p50 ≤ 20 ms with RoBERTa-base, ≤ 8 ms with RBT3).
 
@@ -111,7 +111,7 @@ def _status_mb(key: str) -> float:
 def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int, text: bool) -> None:
     """Serve queries from one Retriever until told to stop (``text``: a text encoder, text queries)."""
     logging.basicConfig(level=logging.WARNING)
-    from cnclip_kd.deploy import Retriever
+    from cnclip_kd.deploy.runtime import Retriever
 
     t0 = time.perf_counter()
     if text:
@@ -177,7 +177,7 @@ def make_checkpoint(work: Path, arch: str, side: int | None = None, text_model: 
     RoBERTa-wwm-ext-base-chinese; a preset has its own)."""
     import torch
 
-    from cnclip_kd.models import PRESETS, cnclip_state_dict, load_student
+    from cnclip_kd.models.students import PRESETS, cnclip_state_dict, load_student
 
     preset = arch if arch in PRESETS else None
     text = None if preset or text_model in (None, DEFAULT_TEXT) else text_model
@@ -199,8 +199,8 @@ def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = 
     """fp32 + int8 ONNX of ``ckpt``'s image (or ``text``) tower as ``{work}/{stem}.onnx`` (reused from an
     earlier run into --work-dir). For the image tower every int8 method's file is kept side by side
     (``int8_files``: method → path): the export keeps the one it chose, the others are quantised the same way."""
-    from cnclip_kd.export import export_onnx, export_text_onnx, quantize_image_onnx
-    from cnclip_kd.quantize import INT8_METHODS, int8_path
+    from cnclip_kd.deploy.export import export_onnx, export_text_onnx, quantize_image_onnx
+    from cnclip_kd.deploy.quantize import INT8_METHODS, int8_path
 
     onnx_path = work / f"{stem}.onnx"
     report_path = work / f"{stem}.report.json"
@@ -224,14 +224,14 @@ def export_models(work: Path, ckpt: Path, stem: str, threads: int, text: bool = 
 
 def make_queries(n: int) -> dict[str, list[bytes]]:
     """``n`` sample photos (different categories) upscaled to each size, as JPEG (quality 90)."""
-    from cnclip_kd.plan import sample_queries
+    from cnclip_kd.deploy.planner import sample_queries
 
     return {label: sample_queries(n, size) for label, size in SIZES.items()}
 
 
 def decode_times(queries: dict[str, list[bytes]], resolution: int, repeats: int) -> dict:
     """p50 decode + preprocess time of the full and the draft decode, per size (in this process)."""
-    from cnclip_kd.deploy import load_query_image, to_pixels
+    from cnclip_kd.deploy.backends import load_query_image, to_pixels
 
     out = {}
     for label, qs in queries.items():
@@ -255,7 +255,7 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    from cnclip_kd.plan import cpu_features
+    from cnclip_kd.deploy.planner import cpu_features
 
     cpu = cpu_features()
     return {"cpu": cpu["cpu"], "isa": cpu["isa"], "cores": cpu["cores"],
@@ -264,7 +264,7 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from cnclip_kd.deploy import latency_markdown
+    from cnclip_kd.deploy.latency import latency_markdown
 
     return latency_markdown(rows)
 
@@ -306,7 +306,7 @@ def _row_name(arch: str, backend: str, several: bool) -> str:
 def run_image(args, work: Path, models: list[str], indexes: dict[int, Path]) -> dict:
     """The image-query part: exports, back-ends, timings, table rows and report lines, for every vision model
     (each at its own trained resolution; the first model's also at the smaller ``--sides``)."""
-    from cnclip_kd.deploy import summarize_timings
+    from cnclip_kd.deploy.latency import summarize_timings
 
     several = len(models) > 1
     queries = make_queries(args.queries)
@@ -425,13 +425,13 @@ def run_image(args, work: Path, models: list[str], indexes: dict[int, Path]) -> 
 
 
 def _presets() -> dict:
-    from cnclip_kd.models import PRESETS
+    from cnclip_kd.models.students import PRESETS
 
     return PRESETS
 
 
 def _model_info(arch: str) -> dict:
-    from cnclip_kd.models import model_info
+    from cnclip_kd.models.students import model_info
 
     return model_info(preset=arch) if arch in _presets() else model_info(arch)
 
@@ -443,9 +443,9 @@ def _short_text_name(text_model: str | None) -> str:
 
 def run_text(args, work: Path, index_dir: Path) -> dict:
     """The text-query part: per text architecture, torch / ONNX fp32 / ONNX int8 text encoders, timed end to end."""
-    from cnclip_kd.deploy import summarize_timings
-    from cnclip_kd.quantize import int8_path
-    from cnclip_kd.tokenizer import tokenize
+    from cnclip_kd.deploy.latency import summarize_timings
+    from cnclip_kd.deploy.quantize import int8_path
+    from cnclip_kd.core.tokenizer import tokenize
 
     text_models = [None] if args.preset else [t.strip() for t in args.text_models.split(",") if t.strip()]
     queries = list(TEXT_QUERIES)
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
-    from cnclip_kd.plan import synthetic_index
+    from cnclip_kd.deploy.planner import synthetic_index
 
     if not (args.image or args.text):
         p.error("nothing to time: --no-image and --no-text")

@@ -70,10 +70,11 @@ def main(argv=None) -> int:
     logger.setLevel(logging.INFO)
     t_start = time.perf_counter()
 
-    from cnclip_kd.data import ensure_dataset
-    from cnclip_kd.experiments import DEMO_TEACHER, evaluate_teacher, preset_config
-    from cnclip_kd.models import PRESETS, load_student
-    from cnclip_kd.train import evaluate_lmdb, train
+    from cnclip_kd.data.prepare import ensure_dataset
+    from cnclip_kd.notebook.experiments import DEMO_TEACHER, evaluate_teacher, preset_config
+    from cnclip_kd.models.students import PRESETS, load_student
+    from cnclip_kd.distill.validation import evaluate_lmdb
+    from cnclip_kd.distill.trainer import train
 
     sides = [int(s) for s in args.sides.split(",")]
     native = int(PRESETS["demo"]["image_resolution"])
@@ -198,7 +199,7 @@ def _latency_table(args, runs: list[dict], sides: list[int], native: int, resnet
         lines.append(f"| demo {student} | {side} px | {name} | {lat} | {cells['finetune']} | {cells[kd]} |")
     lines.append("")
     if args.figure and points:
-        from cnclip_kd.viz import latency_quality_figure, save_figure
+        from cnclip_kd.notebook.viz import latency_quality_figure, save_figure
 
         fig = latency_quality_figure(points, budget_ms=plan.get("budget_ms"),
                                      title="demo students: held-out P@10 vs. the real counterpart's latency")

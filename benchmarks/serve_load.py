@@ -57,7 +57,7 @@ logger = logging.getLogger("serve_load")
 
 def encode_alone(onnx_path: str, queries: list[bytes], threads: int, repeats: int) -> dict:
     """p50 of decode + preprocess + encode of one query at a time, in this process (the server's CPU cost)."""
-    from cnclip_kd.deploy import OnnxEncoder, load_query_image, to_pixels
+    from cnclip_kd.deploy.backends import OnnxEncoder, load_query_image, to_pixels
 
     enc = OnnxEncoder(onnx_path, threads=threads)
     decode, encode = [], []
@@ -259,9 +259,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    from cnclip_kd.quantize import int8_path
-    from cnclip_kd.models import model_info
-    from cnclip_kd.plan import synthetic_index
+    from cnclip_kd.deploy.quantize import int8_path
+    from cnclip_kd.models.students import model_info
+    from cnclip_kd.deploy.planner import synthetic_index
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-load-"))
     work.mkdir(parents=True, exist_ok=True)

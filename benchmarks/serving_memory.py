@@ -51,8 +51,8 @@ def mb(key="VmRSS"):
 steps = {"python": mb()}
 import numpy, faiss, onnxruntime, PIL.Image  # noqa: F401
 from cnclip_kd.deploy import OnnxEncoder, Retriever
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.plan import sample_queries
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.deploy.planner import sample_queries
 steps["imports"] = mb()
 index_dir, encoder, n_queries = sys.argv[1], sys.argv[2], int(sys.argv[3])
 faiss_alone = faiss.read_index(index_dir + "/index.faiss")
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 
-    from cnclip_kd.plan import Candidate, candidate_encoders, cpu_features, synthetic_index
+    from cnclip_kd.deploy.planner import Candidate, candidate_encoders, cpu_features, synthetic_index
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serving-memory-"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -1,7 +1,7 @@
 """Training throughput: fine-tune only vs. distil with the online teacher vs. distil with cached teacher features.
 
 All modes run side by side in one process through the kit's real trainer
-(``cnclip_kd.train.train``) on the same synthetic LMDB (sample photos repeated
+(``cnclip_kd.distill.trainer.train``) on the same synthetic LMDB (sample photos repeated
 to ``--pairs`` image–text pairs), and the script prints samples/s of each
 (median over steps after ``--skip`` warm-up steps) and the ratio to fine-tuning.
 
@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from cnclip_kd import SAMPLE_DATA
-from cnclip_kd.data import write_lmdb_split
-from cnclip_kd.train import TrainConfig, read_history, train
+from cnclip_kd.data.prepare import write_lmdb_split
+from cnclip_kd.distill.config import TrainConfig
+from cnclip_kd.distill.checkpoints import read_history
+from cnclip_kd.distill.trainer import train
 
 
 def make_lmdb(root: Path, pairs: int) -> Path:

@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Sequence
 
-logger = logging.getLogger("cnclip_kd")
+logger = logging.getLogger(__name__)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +45,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_dataset
-    from .images import DEFAULT_MAX_PIXELS
+    from .core.images import DEFAULT_MAX_PIXELS
+    from .data.prepare import prepare_dataset
 
     report = prepare_dataset(
         args.source, args.out_dir, valid_frac=args.valid_frac, test_frac=args.test_frac, seed=args.seed,
@@ -62,7 +62,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 def _field_help() -> dict[str, str]:
     """Per-field help from TrainConfig's docstring (its ``Attributes:`` section), so the two never drift."""
-    from .train import TrainConfig
+    from .distill.config import TrainConfig
 
     helps: dict[str, str] = {}
     current = None
@@ -88,7 +88,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     import dataclasses
     import typing
 
-    from .train import TrainConfig
+    from .distill.config import TrainConfig
 
     p = sub.add_parser("train", help="fine-tune a student, with distillation from a teacher (notebook 02)",
                        description="Fine-tune Chinese-CLIP with knowledge distillation; cn_clip's flags. "
@@ -112,7 +112,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .train import TrainConfig, train
+    from .distill.config import TrainConfig
+    from .distill.trainer import train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["precision"] == "amp":  # cn_clip's name for mixed precision
@@ -138,9 +139,9 @@ def _add_export_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export_teacher(args: argparse.Namespace) -> int:
-    from .experiments import split_model_info
-    from .models import load_student
-    from .teachers import export_cnclip_teacher
+    from .models.students import load_student
+    from .models.teachers import export_cnclip_teacher
+    from .notebook.experiments import split_model_info
 
     kwargs = {k: v for k, v in (("vision_model", args.vision_model), ("text_model", args.text_model)) if v}
     model, info = load_student(args.checkpoint, **kwargs)
@@ -187,13 +188,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 def _run_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .encoders import load_encoder
-    from .evaluate import index_model
-    from .gallery import gallery_from_source, gallery_from_split
+    from .retrieval.encoders import load_encoder
+    from .retrieval.evaluate import index_model
+    from .retrieval.gallery import gallery_from_source, gallery_from_split
 
     d, device = None, args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: shard the embedding, rank 0 builds the index
-        from .distributed import init_distributed
+        from .core.distributed import init_distributed
 
         d = init_distributed(None if args.device in (None, "cuda") else args.device, timeout_s=6 * 3600)
         device = d.device
@@ -205,7 +206,7 @@ def _run_index(args: argparse.Namespace) -> int:
                         num_workers=args.num_workers, encoder=encoder, text=args.text, dist=d,
                         decode=args.decode, chunk_size=args.chunk_size)
     if d is not None:
-        from .distributed import finish_distributed
+        from .core.distributed import finish_distributed
 
         finish_distributed(d)
     if index is None:  # a rank other than 0: its shard is saved, rank 0 built the index
@@ -233,8 +234,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import comparison_markdown, evaluate_index, metrics_row, write_comparison
-    from .index import GalleryIndex
+    from .retrieval.evaluate import evaluate_index, metrics_row, write_comparison
+    from .retrieval.index import GalleryIndex
+    from .retrieval.report import comparison_markdown
 
     rows = []
     for directory in args.indexes:
@@ -271,8 +273,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from .deploy import Retriever
-    from .tokenizer import NoTextTowerError, QueryError
+    from .core.tokenizer import NoTextTowerError, QueryError
+    from .deploy.runtime import Retriever
 
     try:
         # Only the encoder the query needs is loaded (the other one would load on first use).
@@ -329,9 +331,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .encoders import NoTextTowerError, load_encoder
-    from .export import ExportError, export_onnx, export_text_onnx
-    from .quantize import INT8_METHODS
+    from .core.tokenizer import NoTextTowerError
+    from .deploy.export import ExportError, export_onnx, export_text_onnx
+    from .deploy.quantize import INT8_METHODS
+    from .retrieval.encoders import load_encoder
 
     kwargs = {"quantize": args.int8, "opset": args.opset, "images": args.images, "max_images": args.max_images,
               "threads": args.threads}
@@ -353,7 +356,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
-    from .plan import BACKENDS, DEFAULT_CANDIDATES
+    from .deploy.planner import BACKENDS, DEFAULT_CANDIDATES
 
     p = sub.add_parser("plan", help="which student meets a query-latency budget on this CPU, measured (notebook 06)",
                        description="Time candidate students (cn_clip architectures at input sides, random weights) "
@@ -377,7 +380,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .deploy.planner import plan
 
     try:
         width, height = (int(v) for v in args.query_size.lower().split("x"))
@@ -430,7 +433,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .serve import DEFAULT_MAX_PIXELS, SERVE_ENV, create_app, reload_from_signal
+    from .deploy.serve import DEFAULT_MAX_PIXELS, SERVE_ENV, create_app, reload_from_signal
 
     api_key = None
     if args.api_key_file:
@@ -446,7 +449,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker process builds its own app (uvicorn needs an import string for that).
         os.environ[SERVE_ENV] = json.dumps(settings)
-        uvicorn.run("cnclip_kd.serve:app_from_env", factory=True, host=args.host, port=args.port,
+        uvicorn.run("cnclip_kd.deploy.serve:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="info", timeout_graceful_shutdown=10)
         return 0
     try:
@@ -468,7 +471,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .demo import PRESETS
+    from .notebook.demo import PRESETS
 
     p = sub.add_parser("demo", help="run notebooks 01–06 on the sample data into one folder (resumable)",
                        description="Run notebooks 01–06 in order through papermill (their defaults, one shared "
@@ -486,7 +489,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoError, parse_overrides, run_demo
+    from .notebook.demo import DemoError, parse_overrides, run_demo
 
     logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines repeat ours
 
@@ -534,8 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(serve_only=command == "serve").parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .data import DataError
-    from .images import BadImageError
+    from .core.images import BadImageError
+    from .data.dataset import DataError
 
     if args.command == "serve":  # the server's path imports no torch (.models, .teachers and .train would)
         try:
@@ -543,9 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DataError, BadImageError, FileNotFoundError) as err:
             logger.error("%s", err)
             return 2
-    from .models import ModelLoadError
-    from .teachers import TeacherLoadError
-    from .train import NonFiniteLossError
+    from .distill.config import NonFiniteLossError
+    from .models.students import ModelLoadError
+    from .models.teachers import TeacherLoadError
 
     try:
         return args.func(args)

@@ -7,7 +7,7 @@ them without rebuilding:
 * :func:`prepare_sample` — the embedded sample data prepared with a 0.2 / 0.2
   valid / test split (600 photos → 120 test images, 10 categories).
 * :func:`train_tiny_checkpoint` — a ``tiny``-preset student trained 3 steps on
-  it (any :class:`cnclip_kd.train.TrainConfig` field can be overridden, e.g.
+  it (any :class:`cnclip_kd.distill.config.TrainConfig` field can be overridden, e.g.
   ``distillation=True, teacher_model_name="random:preset:tiny"``).
 * :func:`build_saved_index` — a saved, evaluated index of one checkpoint over
   one split, as notebook 03 writes it.
@@ -45,7 +45,7 @@ def _key(tmp_path_factory, *parts) -> tuple:
 
 def prepare_sample(tmp_path_factory) -> Path:
     """The sample data prepared once per session (images shrunk to 128 px); returns the data folder."""
-    from cnclip_kd.data import prepare_dataset
+    from cnclip_kd.data.prepare import prepare_dataset
 
     key = _key(tmp_path_factory, "sample")
     if key not in _CACHE:
@@ -61,7 +61,7 @@ def train_tiny_checkpoint(data_dir: str | Path, out_dir: str | Path, name: str, 
     Returns:
         The run's ``checkpoints/epoch_latest.pt``.
     """
-    from cnclip_kd.train import train
+    from cnclip_kd.distill.trainer import train
 
     key = ("ckpt", str(Path(data_dir).resolve()), str(Path(out_dir).resolve()), name, repr(sorted(overrides.items())))
     if key not in _CACHE or not _CACHE[key].is_file():
@@ -75,8 +75,8 @@ def train_tiny_checkpoint(data_dir: str | Path, out_dir: str | Path, name: str, 
 def build_saved_index(checkpoint: str | Path, data_dir: str | Path, index_dir: str | Path, *,
                       split: str = "test", kind: str = "flat") -> Path:
     """Embed ``split`` with ``checkpoint``, build, evaluate and save the index to ``index_dir``; returns it."""
-    from cnclip_kd.evaluate import index_model
-    from cnclip_kd.gallery import gallery_from_split
+    from cnclip_kd.retrieval.evaluate import index_model
+    from cnclip_kd.retrieval.gallery import gallery_from_split
 
     index_model(checkpoint, gallery_from_split(data_dir, split), index_dir, kind=kind,
                 cache_dir=Path(index_dir).parent / "_embeddings" / Path(index_dir).name)

@@ -40,8 +40,8 @@ import pytest
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
-from cnclip_kd.demo import notebook_literal
-from cnclip_kd.record import read_records
+from cnclip_kd.notebook.demo import notebook_literal
+from cnclip_kd.notebook.records import read_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -189,7 +189,7 @@ def run_notebook(
         env: Extra environment variables for the kernel.
 
     Returns:
-        ``cnclip_kd.record.read_records`` of the executed notebook.
+        ``cnclip_kd.notebook.records.read_records`` of the executed notebook.
     """
     notebook = resolve_notebook(name_or_path)
     params = {name: notebook_literal(value, f"parameter {name}") for name, value in (parameters or {}).items()}

@@ -19,16 +19,9 @@ import pytest
 from PIL import Image
 
 from cnclip_kd import cli
-from cnclip_kd.demo import (
-    NOTEBOOKS,
-    NOTEBOOKS_DIR,
-    STATE_FILE,
-    SUMMARY_FILE,
-    DemoError,
-    parse_overrides,
-    run_demo,
-)
-from cnclip_kd.record import read_records
+from cnclip_kd.notebook.demo import (NOTEBOOKS, NOTEBOOKS_DIR, STATE_FILE, SUMMARY_FILE, DemoError, parse_overrides,
+    run_demo)
+from cnclip_kd.notebook.records import read_records
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,15 @@ from PIL import Image, ImageFile
 
 from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.deploy import (OnnxEncoder, Retriever, TorchEncoder, latency_markdown, load_query_image, make_encoder,
-                              measure_latency, to_pixels)
-from cnclip_kd.export import ExportError, export_onnx
-from cnclip_kd.images import BadImageError, encode_jpeg, load_image
-from cnclip_kd.encoders import load_encoder
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.models import image_transform
-from cnclip_kd.quantize import int8_path
+from cnclip_kd.deploy.backends import OnnxEncoder, TorchEncoder, load_query_image, make_encoder, to_pixels
+from cnclip_kd.deploy.runtime import Retriever
+from cnclip_kd.deploy.latency import latency_markdown, measure_latency
+from cnclip_kd.deploy.export import ExportError, export_onnx
+from cnclip_kd.core.images import BadImageError, encode_jpeg, load_image
+from cnclip_kd.retrieval.encoders import load_encoder
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.models.students import image_transform
+from cnclip_kd.deploy.quantize import int8_path
 from demo_fixtures import build_saved_index
 
 PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]
@@ -181,7 +182,7 @@ def test_export_refuses_old_opsets(checkpoint, tmp_path):
 
 
 def test_export_accepts_a_model_object(tmp_path):
-    from cnclip_kd.models import load_student
+    from cnclip_kd.models.students import load_student
 
     model, _ = load_student(None, preset="tiny")
     report = export_onnx(model, tmp_path / "m.onnx", quantize=False, max_images=20)
@@ -327,15 +328,19 @@ def test_deploy_imports_no_torch():
     import subprocess
     import sys
 
-    script = ("import sys; import cnclip_kd.deploy, cnclip_kd.index, cnclip_kd.gallery, cnclip_kd.tokenizer; "
+    script = ("import sys; import cnclip_kd.deploy.runtime, cnclip_kd.deploy.backends, cnclip_kd.deploy.latency, "
+              "cnclip_kd.deploy.quantize, cnclip_kd.retrieval.index, cnclip_kd.retrieval.gallery, cnclip_kd.core.tokenizer; "
+              "from cnclip_kd.deploy import Retriever, make_encoder, measure_latency; "
+              "from cnclip_kd.retrieval import GalleryIndex; from cnclip_kd.core import load_image, tokenize; "
               "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["False"]  # the serving path's modules; the export lives in cnclip_kd.export
+    assert proc.stdout.split() == ["False"]  # the serving path's modules; the export lives in cnclip_kd.deploy.export
 
 
 def test_clip_constants_live_in_images():
-    from cnclip_kd import images, models
+    from cnclip_kd.core import images
+    from cnclip_kd.models import students as models
 
     assert models.MEAN == images.CLIP_MEAN and models.STD == images.CLIP_STD
     assert images.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)

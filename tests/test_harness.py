@@ -1,4 +1,4 @@
-"""Tests of cnclip_kd.record and the papermill notebook harness."""
+"""Tests of cnclip_kd.notebook.records and the papermill notebook harness."""
 
 import json
 import logging
@@ -13,7 +13,7 @@ import IPython
 import IPython.display
 from IPython.core.formatters import DisplayFormatter
 
-from cnclip_kd.record import RECORD_MIME, read_records, record
+from cnclip_kd.notebook.records import RECORD_MIME, read_records, record
 from notebook_harness import REPO_ROOT, kernel_env, resolve_notebook, run_notebook
 
 DEMO = "tests/fixtures/record_demo.ipynb"
@@ -83,7 +83,7 @@ def test_record_accepts_torch_tensors(displayed):
 
 
 def test_record_stores_non_finite_floats_as_null_and_warns(displayed, caplog):
-    with caplog.at_level(logging.WARNING, logger="cnclip_kd.record"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_kd.notebook.records"):
         record(loss=float("nan"), worst=np.float32("-inf"), ok=1.0)
     data = displayed[0]
     assert data[RECORD_MIME] == {"loss": None, "worst": None, "ok": 1.0}
@@ -102,7 +102,7 @@ def test_record_rejects_values_json_cannot_hold(values, message):
 
 def test_record_outside_ipython_only_logs(caplog):
     assert IPython.get_ipython() is None
-    with caplog.at_level(logging.INFO, logger="cnclip_kd.record"):
+    with caplog.at_level(logging.INFO, logger="cnclip_kd.notebook.records"):
         assert record(acc=np.float64(0.5)) is None
     assert '"acc": 0.5' in caplog.text
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip_kd.teachers import TeacherLoadError, load_teacher
+from cnclip_kd.models.teachers import TeacherLoadError, load_teacher
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
@@ -153,8 +153,8 @@ def test_timm_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_image_teacher_as_an_index_encoder():
-    from cnclip_kd.encoders import load_encoder
-    from cnclip_kd.evaluate import spec_name
+    from cnclip_kd.retrieval.encoders import load_encoder
+    from cnclip_kd.retrieval.discovery import spec_name
 
     encoder = load_encoder("teacher:efficientnet-lite2", device="cpu")
     assert encoder.dim == 1280 and encoder.info["kind"] == "efficientnet"

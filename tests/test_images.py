@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 import badinputs
-from cnclip_kd.images import BadImageError, encode_jpeg, fit_max_side, load_image
+from cnclip_kd.core.images import BadImageError, encode_jpeg, fit_max_side, load_image
 
 
 @pytest.fixture(scope="module")

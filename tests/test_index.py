@@ -12,15 +12,16 @@ import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from cnclip_kd import viz
+from cnclip_kd.notebook import viz
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.data import read_labels
-from cnclip_kd.encoders import ImageEncoder, load_encoder
-from cnclip_kd.evaluate import compare_models, discover_models, evaluate_index, latest_checkpoint
-from cnclip_kd.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split, MetaRows
-from cnclip_kd.index import choose_index_kind, EXACT_MAX, GalleryIndex
-from cnclip_kd.metrics import grouped_ranking_metrics, neighbour_agreement, neighbour_hits
-from cnclip_kd.models import ModelLoadError
+from cnclip_kd.data.dataset import read_labels
+from cnclip_kd.retrieval.encoders import ImageEncoder, load_encoder
+from cnclip_kd.retrieval.evaluate import compare_models, evaluate_index
+from cnclip_kd.retrieval.discovery import discover_models, latest_checkpoint
+from cnclip_kd.retrieval.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split, MetaRows
+from cnclip_kd.retrieval.index import choose_index_kind, EXACT_MAX, GalleryIndex
+from cnclip_kd.core.metrics import grouped_ranking_metrics, neighbour_agreement, neighbour_hits
+from cnclip_kd.models.students import ModelLoadError
 from demo_fixtures import build_saved_index
 
 
@@ -285,13 +286,13 @@ def test_gallery_from_split_reads_labels_and_lmdb(data_dir):
     assert gallery.row_of(int(gallery.ids[7])) == 7
     with pytest.raises(KeyError, match="not in the gallery"):
         gallery.row_of(-5)
-    from cnclip_kd.data import DataError
+    from cnclip_kd.data.dataset import DataError
     with pytest.raises(DataError, match="prepared"):
         gallery_from_split(data_dir, "nosuch")
 
 
 def test_gallery_from_source_skips_broken_images(photo_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="cnclip_kd.gallery"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_kd.retrieval.gallery"):
         gallery = gallery_from_source(photo_folder)
     assert len(gallery) == 20
     assert "broken.jpg" in caplog.text

@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.deploy import OnnxEncoder
-from cnclip_kd.export import export_onnx, quantize_image_onnx
-from cnclip_kd.plan import BACKENDS, Candidate, cpu_features, plan, synthetic_index
-from cnclip_kd.quantize import INT8_METHODS, choose_int8, int8_path, serving_choice
+from cnclip_kd.deploy.backends import OnnxEncoder
+from cnclip_kd.deploy.export import export_onnx, quantize_image_onnx
+from cnclip_kd.deploy.planner import BACKENDS, Candidate, cpu_features, plan, synthetic_index
+from cnclip_kd.deploy.quantize import INT8_METHODS, choose_int8, int8_path, serving_choice
 from demo_fixtures import train_tiny_checkpoint
 
 
@@ -214,7 +214,7 @@ def test_onnx_serving_process_imports_no_torch(planned):
     """The int8 encoder the planner serves and its index load and answer in a process without torch."""
     work, _ = planned
     index_dir, _ = synthetic_index(work, 300, 256)
-    code = (f"import sys\nfrom cnclip_kd.deploy import Retriever\nfrom cnclip_kd.plan import sample_queries\n"
+    code = (f"import sys\nfrom cnclip_kd.deploy import Retriever\nfrom cnclip_kd.deploy.planner import sample_queries\n"
             f"r = Retriever.load({str(index_dir)!r}, {str(work / 'demo-resnet@64' / 'image_encoder.int8-static.onnx')!r}, threads=1)\n"
             "res = r.search(sample_queries(1)[0], 5)\n"
             "print(len(res.ids), r.backend, r.encoder.int8_method, 'torch' in sys.modules)\n")

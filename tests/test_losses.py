@@ -1,4 +1,4 @@
-"""Tests for cnclip_kd.losses: values, gradients, and DDP equivalence."""
+"""Tests for cnclip_kd.distill.losses: values, gradients, and DDP equivalence."""
 
 import math
 from datetime import timedelta
@@ -10,16 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from cnclip_kd.losses import (
-    KD_LOSSES,
-    ClipLoss,
-    CosineKDLoss,
-    DistillationLoss,
-    FeatureKDLoss,
-    RelationKDLoss,
-    build_kd_loss,
-    gather_features,
-)
+from cnclip_kd.distill.losses import (KD_LOSSES, ClipLoss, CosineKDLoss, DistillationLoss, FeatureKDLoss,
+    RelationKDLoss, build_kd_loss, gather_features)
 
 
 def _randn(*shape, seed=0):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnclip_kd.data import read_labels
-from cnclip_kd.encoders import load_encoder, text_encoder_for
-from cnclip_kd.evaluate import index_model
-from cnclip_kd.gallery import gallery_from_split
-from cnclip_kd.index import GalleryIndex
+from cnclip_kd.data.dataset import read_labels
+from cnclip_kd.retrieval.encoders import load_encoder, text_encoder_for
+from cnclip_kd.retrieval.evaluate import index_model
+from cnclip_kd.retrieval.gallery import gallery_from_split
+from cnclip_kd.retrieval.index import GalleryIndex
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnclip_kd.deploy import OnnxEncoder, Retriever
-from cnclip_kd.gallery import gallery_from_split
-from cnclip_kd.index import GalleryIndex
+from cnclip_kd.deploy.backends import OnnxEncoder
+from cnclip_kd.deploy.runtime import Retriever
+from cnclip_kd.retrieval.gallery import gallery_from_split
+from cnclip_kd.retrieval.index import GalleryIndex
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
@@ -94,7 +95,7 @@ def test_notebook_06_alone_builds_the_index_exports_and_answers(notebook_runner,
         assert row["n"] == 4 and 0 < row["total"]["p50"] <= row["total"]["p95"]
     with Image.open(rec["text_figure"]) as fig:  # the text query's Top-10 picture
         assert fig.format == "PNG" and fig.width > fig.height
-    # The same answers over HTTP (cnclip_kd.serve in a background thread).
+    # The same answers over HTTP (cnclip_kd.deploy.serve in a background thread).
     http = rec["http"]
     assert http["health"] == 200 and http["status"] == 200 and http["text_status"] == 200
     assert http["ids"] == rec["result_ids"] and http["text_ids"] == rec["text_result_ids"]

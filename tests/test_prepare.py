@@ -18,8 +18,9 @@ from PIL import Image
 
 import badinputs
 import cnclip_kd
-import cnclip_kd.data as data_mod
-from cnclip_kd.data import DataError, Record, assign_splits, prepare_dataset, read_labels
+import cnclip_kd.data.prepare as data_mod
+from cnclip_kd.data.dataset import DataError, read_labels
+from cnclip_kd.data.prepare import Record, assign_splits, prepare_dataset
 
 SPLITS = ("train", "valid", "test")
 SAMPLE_LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt", "t-shirt"]

@@ -27,7 +27,7 @@ from demo_fixtures import build_saved_index
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cnclip_kd.serve import create_app, sniff_image_type
+from cnclip_kd.deploy.serve import create_app, sniff_image_type
 
 MAX_BODY = 1024 * 1024  # small limits keep the hostile cases cheap
 MAX_PIXELS = 1_000_000
@@ -40,7 +40,7 @@ API_KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def models(checkpoint, tmp_path_factory) -> dict:
     """The tiny student's image and text towers exported to ONNX (fp32)."""
-    from cnclip_kd.export import export_onnx, export_text_onnx
+    from cnclip_kd.deploy.export import export_onnx, export_text_onnx
 
     out = tmp_path_factory.mktemp("serve-models")
     image = export_onnx(checkpoint, out / "image_encoder.onnx", quantize=False, max_images=8, threads=1)["onnx"]
@@ -102,7 +102,7 @@ def _good_image_query(client, photo: bytes) -> dict:
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, cnclip_kd.serve, fastapi, uvicorn; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, cnclip_kd.deploy.serve, fastapi, uvicorn; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -686,7 +686,7 @@ def test_serve_load_benchmark_quick_mode(tmp_path):
 
 
 def test_background_server_answers_and_stops(indexes, models, photo):
-    from cnclip_kd.serve import BackgroundServer
+    from cnclip_kd.deploy.serve import BackgroundServer
 
     with BackgroundServer(indexes["test"], models["image"], models["text"], threads=1) as server:
         assert server.url.startswith("http://127.0.0.1:")

@@ -18,22 +18,15 @@ import torch.distributed as tdist
 import torch.multiprocessing as tmp_mp
 from PIL import Image
 
-import cnclip_kd.gallery as gallery_mod
-import cnclip_kd.index as index_mod
+import cnclip_kd.retrieval.gallery as gallery_mod
+import cnclip_kd.retrieval.index as index_mod
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.distributed import Dist
-from cnclip_kd.encoders import ImageEncoder
-from cnclip_kd.gallery import (
-    _encode_chunks,
-    _GpuDecoder,
-    _tensor_transform,
-    choose_decode,
-    default_num_workers,
-    embed_gallery,
-    gallery_from_source,
-)
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.models import image_transform
+from cnclip_kd.core.distributed import Dist
+from cnclip_kd.retrieval.encoders import ImageEncoder
+from cnclip_kd.retrieval.gallery import (_encode_chunks, _GpuDecoder, _tensor_transform, choose_decode,
+    default_num_workers, embed_gallery, gallery_from_source)
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.models.students import image_transform
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -255,7 +248,7 @@ def _unit(x):
 
 
 def _toy(n: int):
-    from cnclip_kd.gallery import Gallery
+    from cnclip_kd.retrieval.gallery import Gallery
 
     return Gallery(ids=np.arange(n) + 10, meta=[{"id": i + 10, "image": None, "caption": "", "label": "",
                                                   "product_id": "", "split": None} for i in range(n)])

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip_kd.teachers import (TEACHERS, Teacher, TeacherLoadError, export_cnclip_teacher,
-                                load_teacher)
+from cnclip_kd.models.teachers import TEACHERS, Teacher, TeacherLoadError, export_cnclip_teacher, load_teacher
 from teacher_fixtures import (TINY_RLEG, TINY_TEXT, TINY_VISION,  # noqa: F401 - fixtures
                               make_tiny_clip_teacher_dir, make_tiny_cnclip_model, team_dir,
                               tiny_clip_dir, tiny_cnclip_config_files, tiny_rleg_dir)

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from cnclip_kd.encoders import NoTextTowerError, TextEncoder, load_encoder, load_text_encoder, text_encoder_for
-from cnclip_kd.evaluate import (TEXT_COLUMNS, comparison_markdown, embed_texts, evaluate_text, index_model,
-                                metrics_row, write_muge_predictions)
-from cnclip_kd.gallery import Gallery, gallery_from_split, gallery_texts
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.metrics import recall_metrics
-from cnclip_kd.models import cnclip_state_dict, load_student
-from cnclip_kd.tokenizer import QueryError, check_query, preprocess_text, tokenize
+from cnclip_kd.core.tokenizer import NoTextTowerError
+from cnclip_kd.retrieval.encoders import TextEncoder, load_encoder, load_text_encoder, text_encoder_for
+from cnclip_kd.retrieval.evaluate import (TEXT_COLUMNS, embed_texts, evaluate_text, index_model, metrics_row,
+    write_muge_predictions)
+from cnclip_kd.retrieval.report import comparison_markdown
+from cnclip_kd.retrieval.gallery import Gallery, gallery_from_split, gallery_texts
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.core.metrics import recall_metrics
+from cnclip_kd.models.students import cnclip_state_dict, load_student
+from cnclip_kd.core.tokenizer import QueryError, check_query, preprocess_text, tokenize
 
 QUERIES = ["白色连衣裙", "Nike 跑鞋 42码", "夏季 T-shirt 😀", "2024新款 ins风 短裤!!", "“引号” ABC", "连衣裙 " * 40]
 
@@ -37,7 +39,7 @@ def test_tokenize_equals_cn_clip_and_needs_no_torch():
     short = tokenize(QUERIES[:2], 52, pad_to_context=False)
     assert short.ids.shape == (2, int(short.lengths.max()))
     # The serving path tokenises in a process that never imports torch.
-    code = ("import sys; from cnclip_kd.tokenizer import tokenize; t = tokenize(['白色连衣裙']); "
+    code = ("import sys; from cnclip_kd.core.tokenizer import tokenize; t = tokenize(['白色连衣裙']); "
             "print(t.ids[0, :7].tolist(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[101, 4635, 5682, 6825, 6132, 6170, 102] False"
@@ -235,8 +237,8 @@ def test_index_model_evaluates_text_and_saves_cn_clip_files(data_dir, checkpoint
 
 
 def test_index_model_without_text_tower_leaves_text_columns_empty(tmp_path, monkeypatch):
-    from cnclip_kd import evaluate as evaluate_mod
-    from cnclip_kd.encoders import ImageEncoder
+    from cnclip_kd.retrieval import evaluate as evaluate_mod
+    from cnclip_kd.retrieval.encoders import ImageEncoder
 
     gallery, emb, _, _ = _toy()
     # An image-only encoder (as an EfficientNet teacher is): kind "efficientnet", no text tower.

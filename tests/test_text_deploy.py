@@ -16,23 +16,15 @@ from demo_fixtures import build_saved_index
 
 from cnclip_kd import SAMPLE_DATA
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.deploy import (
-    OnnxEncoder,
-    OnnxTextEncoder,
-    Retriever,
-    make_text_encoder,
-    measure_latency,
-)
-from cnclip_kd.encoders import NoTextTowerError, load_text_encoder
-from cnclip_kd.export import (
-    CHECK_QUERIES,
-    ExportError,
-    export_onnx,
-    export_text_onnx,
-)
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.quantize import int8_path
-from cnclip_kd.tokenizer import QueryError, tokenize
+from cnclip_kd.deploy.backends import OnnxEncoder, OnnxTextEncoder, make_text_encoder
+from cnclip_kd.deploy.runtime import Retriever
+from cnclip_kd.deploy.latency import measure_latency
+from cnclip_kd.core.tokenizer import NoTextTowerError
+from cnclip_kd.retrieval.encoders import load_text_encoder
+from cnclip_kd.deploy.export import CHECK_QUERIES, ExportError, export_onnx, export_text_onnx
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.deploy.quantize import int8_path
+from cnclip_kd.core.tokenizer import QueryError, tokenize
 
 PHOTO = sorted((SAMPLE_DATA / "images").glob("*/*.jpg"))[0]
 LONG = "夏季新款女装宽松显瘦百搭纯棉短袖T恤上衣" * 6  # far more than 50 word pieces
@@ -156,7 +148,7 @@ def test_text_export_fails_loudly_and_writes_nothing_when_onnx_disagrees(checkpo
 
 
 def test_text_export_accepts_a_text_encoder_or_a_model(torch_text, tmp_path):
-    from cnclip_kd.models import load_student
+    from cnclip_kd.models.students import load_student
 
     report = export_text_onnx(torch_text, tmp_path / "a.onnx", quantize=False, texts=["连衣裙", "鞋子"])
     assert report["fingerprint"] == torch_text.fingerprint() and "int8" not in report
@@ -254,7 +246,7 @@ def test_image_only_model_has_no_text_tower(image_only_index, monkeypatch, recor
     def no_loading(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded")
 
-    monkeypatch.setattr("cnclip_kd.encoders.load_text_encoder", no_loading)
+    monkeypatch.setattr("cnclip_kd.retrieval.encoders.load_text_encoder", no_loading)
     retriever = Retriever.load(image_only_index)
     for _ in range(2):  # and again, without retrying a load
         with pytest.raises(NoTextTowerError, match="teacher:efficientnet-lite2.*no text tower"):
@@ -278,7 +270,7 @@ def test_onnx_image_and_text_search_never_import_torch(index_dir, image_onnx, te
     script = f"""
 import sys
 from cnclip_kd.deploy import Retriever
-from cnclip_kd.tokenizer import QueryError
+from cnclip_kd.core.tokenizer import QueryError
 r = Retriever.load({str(index_dir)!r}, {image_onnx!r}, text_encoder={text_export["int8"]["path"]!r}, threads=1)
 image = r.search({str(PHOTO)!r}, 5)
 text = r.search_text("白色连衣裙 👗", 5)

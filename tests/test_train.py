@@ -22,15 +22,18 @@ import pytest
 import torch
 
 import cnclip_kd
-from cnclip_kd import teachers as teachers_mod
-from cnclip_kd import train as train_mod
+from cnclip_kd.models import teachers as teachers_mod
+from cnclip_kd.distill import trainer as train_mod
 from cnclip_kd.cli import build_parser
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.data import prepare_dataset
-from cnclip_kd.models import PRESETS, ModelLoadError, build_model, load_student
-from cnclip_kd.teachers import TEACHERS, Teacher, TeacherLoadError, load_teacher
-from cnclip_kd.train import (LMDBImages, NonFiniteLossError, TeacherFeatureCache, TrainConfig, evaluate_lmdb,
-                             read_history, train)
+from cnclip_kd.data.prepare import prepare_dataset
+from cnclip_kd.models.students import PRESETS, ModelLoadError, build_model, load_student
+from cnclip_kd.models.teachers import TEACHERS, Teacher, TeacherLoadError, load_teacher
+from cnclip_kd.distill.teacher_cache import LMDBImages, TeacherFeatureCache
+from cnclip_kd.distill.config import NonFiniteLossError, TrainConfig
+from cnclip_kd.distill.validation import evaluate_lmdb
+from cnclip_kd.distill.checkpoints import read_history
+from cnclip_kd.distill.trainer import train
 from teacher_fixtures import make_tiny_clip_teacher_dir, tiny_cnclip_config_files
 
 TESTS = Path(__file__).resolve().parent
@@ -281,11 +284,11 @@ def test_student_continues_at_a_smaller_input_side(plain_run, data, tmp_path, ca
     """--resume a 32 px run at 16 px: position embeddings interpolated, fresh optimizer, 16 px from then on."""
     import logging
 
-    from cnclip_kd.export import export_onnx
+    from cnclip_kd.deploy.export import export_onnx
 
     start, _ = load_student(plain_run.checkpoint)
     old = start.visual.positional_embedding.detach()  # 1 + 4×4 tokens
-    with caplog.at_level(logging.INFO, logger="cnclip_kd.train"):
+    with caplog.at_level(logging.INFO, logger="cnclip_kd.distill.trainer"):
         result = train(_config(data, tmp_path, "small-side", resume=str(plain_run.checkpoint), image_resolution=16,
                                max_epochs=1, reset_data_offset=True, save_epoch_frequency=0))
     assert "input side changed to 16; starting a fresh optimizer" in caplog.text
@@ -319,7 +322,7 @@ def test_student_continues_at_a_smaller_input_side(plain_run, data, tmp_path, ca
 def test_cnclip_pretrained_name_loads_at_a_smaller_side(tmp_path):
     """`--resume ViT-B-16 --image-resolution 112`: cn_clip's load_from_name reads the file it would have downloaded
     (clip_cn_vit-b-16.pt, cn_clip's release format), then the 14×14 position grid is interpolated to 7×7."""
-    from cnclip_kd.models import cnclip_state_dict
+    from cnclip_kd.models.students import cnclip_state_dict
 
     torch.manual_seed(0)
     source, info = load_student(None, vision_model="ViT-B-16")
@@ -623,7 +626,7 @@ def test_augmentation_runs_the_teacher_online_without_a_cache(data, teacher_dir,
 
 def test_augmented_views_cached_once_and_equal_to_an_online_teacher(data, teacher_dir, tmp_path, monkeypatch):
     """Seeded views: the cache holds the teacher's features of the very pictures the student is shown."""
-    from cnclip_kd.teacher_cache import ViewAugment, epoch_views
+    from cnclip_kd.distill.teacher_cache import ViewAugment, epoch_views
 
     views = 2
     spy = _TeacherSpy(monkeypatch)
@@ -789,7 +792,7 @@ def test_parser_accepts_cnclip_spellings():
 
 
 def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp_path):
-    from cnclip_kd.experiments import PRESET_DEFAULTS, preset_config, preset_values
+    from cnclip_kd.notebook.experiments import PRESET_DEFAULTS, preset_config, preset_values
 
     demo = PRESET_DEFAULTS["demo"]
     # The notebooks pass 0 / "" for "the preset's value" ...
@@ -804,7 +807,7 @@ def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp
 
 
 def test_compare_kd_refuses_an_unknown_loss_before_training(tmp_path):
-    from cnclip_kd.experiments import compare_kd, preset_config
+    from cnclip_kd.notebook.experiments import compare_kd, preset_config
 
     base = preset_config("tiny", tmp_path / "missing-data", tmp_path / "out")
     with pytest.raises(ValueError, match="unknown KD loss 'relaton'; valid names: cosine, feature, relation"):

@@ -1,4 +1,4 @@
-"""Tests for cnclip_kd.viz: CJK font set-up, photo grids, training curves, atomic saving."""
+"""Tests for cnclip_kd.notebook.viz: CJK font set-up, photo grids, training curves, atomic saving."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cnclip_kd import SAMPLE_DATA, viz
+from cnclip_kd import SAMPLE_DATA
+from cnclip_kd.notebook import viz
 
 MANIFEST = SAMPLE_DATA / "manifest.csv"
 
@@ -112,14 +113,14 @@ def test_missing_glyph_check_detects_tofu():
 
 
 def test_no_cjk_font_warns_once_with_install_commands(no_cjk_font, caplog, records):
-    with caplog.at_level(logging.WARNING, logger="cnclip_kd.viz"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_kd.notebook.viz"):
         assert viz.setup_cjk_font() is None
         assert viz.setup_cjk_font() is None
         # Figures still render, with boxes, and do not log again.
         fig = viz.image_grid(_paths(records, 1), ["连衣裙"])
         with pytest.warns(UserWarning, match="missing from font"):
             fig.savefig(io.BytesIO(), format="png", dpi=40)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "cnclip_kd.viz"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "cnclip_kd.notebook.viz"]
     assert len(msgs) == 1
     assert "pip install pylopdf-fonts-zh-cn" in msgs[0]
     assert "apt-get install -y fonts-noto-cjk" in msgs[0]

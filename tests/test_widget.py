@@ -1,4 +1,4 @@
-"""The query demo (cnclip_kd.widget.QueryDemo) driven from Python, and notebook 05 headless.
+"""The query demo (cnclip_kd.notebook.widget.QueryDemo) driven from Python, and notebook 05 headless.
 
 Two tiny trained students (demo_fixtures.demo_output) are indexed over the
 prepared sample's test split (120 images, 10 categories) once per module; an
@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from cnclip_kd import SAMPLE_DATA
-from cnclip_kd import widget as widget_module
-from cnclip_kd.encoders import load_encoder, text_encoder_for
-from cnclip_kd.evaluate import index_model
-from cnclip_kd.gallery import gallery_from_split
-from cnclip_kd.images import load_image
-from cnclip_kd.index import GalleryIndex
-from cnclip_kd.widget import CSS, DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
+from cnclip_kd.notebook import widget as widget_module
+from cnclip_kd.retrieval.encoders import load_encoder, text_encoder_for
+from cnclip_kd.retrieval.evaluate import index_model
+from cnclip_kd.retrieval.gallery import gallery_from_split
+from cnclip_kd.core.images import load_image
+from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.notebook.widget import CSS, DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
 from demo_fixtures import DEMO_RUNS, build_saved_index, copy_output, demo_output, prepare_sample
 
 MODELS = list(DEMO_RUNS)  # ["tiny-finetune", "tiny-kd-cosine"]

@@ -1,4 +1,4 @@
-"""Run ``cnclip_kd.train.train(config)`` and SIGKILL this very process part-way (for the resume tests).
+"""Run ``cnclip_kd.distill.trainer.train(config)`` and SIGKILL this very process part-way (for the resume tests).
 
 Usage::
 
@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-import cnclip_kd.train as train_mod
+import cnclip_kd.distill.trainer as train_mod
 
 
 def _die() -> None:

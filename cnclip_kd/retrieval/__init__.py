@@ -1,0 +1,17 @@
+"""Stage 3, retrieval: encoders, galleries, FAISS indexes, evaluation and the models found on disk.
+
+Names load on first use (:func:`cnclip_kd.core.lazy.lazy_face`), so importing this face imports
+no torch; the modules below hold the code.
+"""
+
+from ..core.lazy import lazy_face
+
+__getattr__, __dir__, __all__ = lazy_face(__name__, {
+    "encoders": ["ImageEncoder", "NoTextTowerError", "TextEncoder", "load_encoder", "load_text_encoder",
+                 "text_encoder_for"],
+    "gallery": ["Gallery", "embed_gallery", "gallery_from_source", "gallery_from_split", "gallery_texts"],
+    "index": ["GalleryIndex", "build_faiss_index", "choose_index_kind"],
+    "evaluate": ["compare_models", "evaluate_index", "evaluate_text", "index_model", "metrics_row", "write_comparison"],
+    "discovery": ["discover_models", "latest_checkpoint", "saved_indexes", "spec_name"],
+    "report": ["comparison_markdown", "index_markdown", "text_eval_markdown"],
+})
