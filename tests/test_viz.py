@@ -1,4 +1,4 @@
-"""Tests for cnclip_kd.notebook.viz: CJK font set-up, photo grids, training curves, atomic saving."""
+"""Tests for cnclip_kd.notebook.viz and .fonts: CJK font set-up, photo grids, training curves, atomic saving."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cnclip_kd import SAMPLE_DATA
-from cnclip_kd.notebook import viz
+from cnclip_kd.notebook import fonts, viz
 
 MANIFEST = SAMPLE_DATA / "manifest.csv"
 
@@ -41,14 +41,14 @@ def _restore_rc():
 def no_cjk_font(monkeypatch):
     """Make discovery see only DejaVu Sans (no Chinese glyphs), and reset the once-only warning."""
     dejavu = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
-    monkeypatch.setattr(viz, "_candidate_font_files", lambda: [dejavu])
-    monkeypatch.setattr(viz, "_warned_no_font", False)
-    viz._find_cjk_font.cache_clear()
+    monkeypatch.setattr(fonts, "_candidate_font_files", lambda: [dejavu])
+    monkeypatch.setattr(fonts, "_warned_no_font", False)
+    fonts._find_cjk_font.cache_clear()
     # Earlier figures in this process put the real CJK font first in rcParams; start from defaults.
     with matplotlib.rc_context():
         matplotlib.rcdefaults()
         yield
-    viz._find_cjk_font.cache_clear()
+    fonts._find_cjk_font.cache_clear()
 
 
 def _missing_glyph_warnings(fig: Figure) -> list[str]:
@@ -70,8 +70,8 @@ def _row(ax) -> int:
 
 
 def test_setup_cjk_font_picks_a_font_with_all_caption_glyphs(records):
-    name = viz.setup_cjk_font()
-    assert name is not None, f"no CJK font installed; {viz.CJK_FONT_INSTALL_HINT}"
+    name = fonts.setup_cjk_font()
+    assert name is not None, f"no CJK font installed; {fonts.CJK_FONT_INSTALL_HINT}"
     assert matplotlib.rcParams["font.sans-serif"][0] == name
     assert matplotlib.rcParams["font.family"] == ["sans-serif"]
     assert matplotlib.rcParams["axes.unicode_minus"] is False
@@ -86,10 +86,10 @@ def test_setup_cjk_font_picks_a_font_with_all_caption_glyphs(records):
 
 
 def test_setup_cjk_font_reapplies_rcparams_after_reset():
-    name = viz.setup_cjk_font()
+    name = fonts.setup_cjk_font()
     matplotlib.rcdefaults()
     assert matplotlib.rcParams["font.sans-serif"][0] != name
-    assert viz.setup_cjk_font() == name
+    assert fonts.setup_cjk_font() == name
     assert matplotlib.rcParams["font.sans-serif"][0] == name
 
 
@@ -113,14 +113,14 @@ def test_missing_glyph_check_detects_tofu():
 
 
 def test_no_cjk_font_warns_once_with_install_commands(no_cjk_font, caplog, records):
-    with caplog.at_level(logging.WARNING, logger="cnclip_kd.notebook.viz"):
-        assert viz.setup_cjk_font() is None
-        assert viz.setup_cjk_font() is None
+    with caplog.at_level(logging.WARNING, logger="cnclip_kd.notebook.fonts"):
+        assert fonts.setup_cjk_font() is None
+        assert fonts.setup_cjk_font() is None
         # Figures still render, with boxes, and do not log again.
         fig = viz.image_grid(_paths(records, 1), ["连衣裙"])
         with pytest.warns(UserWarning, match="missing from font"):
             fig.savefig(io.BytesIO(), format="png", dpi=40)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "cnclip_kd.notebook.viz"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "cnclip_kd.notebook.fonts"]
     assert len(msgs) == 1
     assert "pip install pylopdf-fonts-zh-cn" in msgs[0]
     assert "apt-get install -y fonts-noto-cjk" in msgs[0]
@@ -133,16 +133,16 @@ def test_font_ranking_prefers_simplified_chinese_regular(monkeypatch):
         "/fonts/other.ttf": [(0, "Some Hei", "Regular")],
         "/fonts/latin.ttf": [],
     }
-    monkeypatch.setattr(viz, "_candidate_font_files", lambda: list(faces))
-    monkeypatch.setattr(viz, "_cjk_faces", faces.get)
-    viz._find_cjk_font.cache_clear()
+    monkeypatch.setattr(fonts, "_candidate_font_files", lambda: list(faces))
+    monkeypatch.setattr(fonts, "_cjk_faces", faces.get)
+    fonts._find_cjk_font.cache_clear()
     try:
-        assert viz._find_cjk_font() == ("/fonts/pan.ttc", 2, "Noto Sans CJK SC")
+        assert fonts._find_cjk_font() == ("/fonts/pan.ttc", 2, "Noto Sans CJK SC")
         del faces["/fonts/pan.ttc"], faces["/fonts/pan-bold.ttc"]
-        viz._find_cjk_font.cache_clear()
-        assert viz._find_cjk_font() == ("/fonts/other.ttf", 0, "Some Hei")
+        fonts._find_cjk_font.cache_clear()
+        assert fonts._find_cjk_font() == ("/fonts/other.ttf", 0, "Some Hei")
     finally:
-        viz._find_cjk_font.cache_clear()
+        fonts._find_cjk_font.cache_clear()
 
 
 def test_placeholder_fonts_do_not_count_as_cjk():
@@ -150,9 +150,9 @@ def test_placeholder_fonts_do_not_count_as_cjk():
     last_resort = Path(matplotlib.get_data_path(), "fonts", "ttf", "LastResortHE-Regular.ttf")
     dejavu = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
     if last_resort.exists():
-        assert viz._cjk_faces(str(last_resort)) == []
-    assert viz._cjk_faces(dejavu) == []
-    assert viz._cjk_faces("/no/such/font.ttf") == []
+        assert fonts._cjk_faces(str(last_resort)) == []
+    assert fonts._cjk_faces(dejavu) == []
+    assert fonts._cjk_faces("/no/such/font.ttf") == []
 
 
 # ---------------------------------------------------------------- image_grid
@@ -409,7 +409,7 @@ def test_top10_figure_shows_a_text_query_in_the_first_cell(records):
     assert "".join(shown.split()) == "".join(text.split())  # all of it, wrapped at spaces or between characters
     assert "women's" in shown.split("\n")[1] or "women's" in shown.split("\n")[2]  # a Latin word is not split
     assert len(shown.split("\n")) > 1 and not shown.endswith("…")
-    assert query.texts[0].get_fontname() == viz.setup_cjk_font()  # the CJK font: characters, not boxes
+    assert query.texts[0].get_fontname() == fonts.setup_cjk_font()  # the CJK font: characters, not boxes
     assert _missing_glyph_warnings(fig) == []
     # A blank photo-sized cell in the query's blue frame, labelled as a text query.
     arr = query.get_images()[0].get_array()
