@@ -36,7 +36,6 @@ import gc
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import platform
 import re
@@ -49,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import emit
+from _report import emit, exit_on_worker_error, run_in_process
 
 logger = logging.getLogger("index_scale")
 
@@ -127,8 +126,8 @@ def _worker(job: dict) -> dict:
 
 
 def _run_kind(job: dict) -> dict:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_worker, (job,))
+    """:func:`_worker` in a process of its own; if it fails or dies (e.g. killed for memory), WorkerError says so."""
+    return run_in_process(f"index {job['kind']} at N = {job['n']}", _worker, job)
 
 
 def _extrapolate(row: dict, big: int) -> dict:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             autos[n] = choose_index_kind(n, DIM)
             for kind in kinds:
                 t0 = time.perf_counter()
-                row = _run_kind({"work": str(work), "kind": kind, "threads": args.threads,
+                row = _run_kind({"work": str(work), "n": n, "kind": kind, "threads": args.threads,
                                  "repeats_b1": args.repeats, "repeats_b64": max(3, args.repeats // 10)})
                 logger.info("N = %d %s: %.0f s, recall@10 %.3f, p50 %.2f ms (%.0f s with setup)", n, kind,
                             row["build_s"], row["recall@10"], row["p50_b1_ms"], time.perf_counter() - t0)
@@ -258,4 +257,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_worker_error(main))

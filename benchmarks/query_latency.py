@@ -34,12 +34,14 @@ Text queries (``--text``, on by default): realistic Chinese queries typed into
 the search box (Latin, digits and a query longer than the context length
 among them), end to end through :meth:`cnclip_kd.deploy.runtime.Retriever.search_text`
 — check + tokenise (cn_clip's tokenizer, numpy), encode (the text tower at the
-query's own length), search — with the text tower of each ``--text-models``
-architecture (random weights; RoBERTa-wwm-ext-base-chinese: 12 layers, RBT3:
-3) as PyTorch fp32 (``torch-text``, the baseline) and ONNX fp32 / int8
-(:func:`cnclip_kd.deploy.export.export_text_onnx`), each in its own process, against
-the same index. Printed beside the image queries, with the verdicts against
-the targets (p50 ≤ 20 ms with RoBERTa-base, ≤ 8 ms with RBT3).
+query's own length), search — against the first vision model's index, with that
+model's text tower for each ``--text-models`` architecture (random weights;
+RoBERTa-wwm-ext-base-chinese: 12 layers, RBT3: 3; a preset has its own) as
+PyTorch fp32 (``torch-text``, the baseline) and ONNX fp32 / int8
+(:func:`cnclip_kd.deploy.export.export_text_onnx`), each in its own process.
+Printed beside the image queries, with the verdicts against the targets (p50 ≤
+20 ms with RoBERTa-base, ≤ 8 ms with RBT3). Any worker that fails stops the run:
+its error is printed and the exit status is 1.
 
 Usage (about 8–12 minutes on 2 cores)::
 
@@ -59,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import random
@@ -71,12 +72,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Worker as ProcessWorker, WorkerError, exit_on_worker_error  # noqa: E402
 
 logger = logging.getLogger("query_latency")
 
 SIZES = {"800×800": (800, 800), "1920×1080": (1920, 1080)}
 BASELINE = "torch"
-DEFAULT_VISION = "ViT-B-16"
 TEXT_BASELINE = "torch-text"
 DEFAULT_TEXT = "RoBERTa-wwm-ext-base-chinese"
 #: p50 targets of an end-to-end text query per text architecture (ms, 2 cores).
@@ -141,30 +143,23 @@ def _worker(conn, index_dir: str, encoder: str, backend: str, threads: int, text
             return
 
 
-class Worker:
-    """A back-end in its own process."""
+class Worker(ProcessWorker):
+    """A back-end in its own process; if it fails or dies, :class:`WorkerError` says why (no waiting forever)."""
 
     def __init__(self, name: str, index_dir: Path, encoder: Path, backend: str, threads: int, text: bool = False):
-        ctx = mp.get_context("spawn")
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, str(index_dir), str(encoder), backend, threads, text),
-                                daemon=True)
-        self.proc.start()
-        ready = self.conn.recv()
+        super().__init__(name, _worker, str(index_dir), str(encoder), backend, threads, text)
+        try:
+            ready = self.recv()
+        except WorkerError:
+            self.stop()
+            raise
         self.load_s = ready["load_s"]
         self.torch_imported = ready["torch_imported"]
         logger.info("%s ready (%s) in %.1f s", name, ready["backend"], self.load_s)
 
     def ask(self, cmd: str, payload=None):
-        self.conn.send((cmd, payload))
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        try:
-            self.ask("stop")
-        finally:
-            self.proc.join(30)
+        """Send ``cmd`` with ``payload`` and return the reply."""
+        return super().ask((cmd, payload))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -318,7 +313,7 @@ def run_image(args, work: Path, models: list[str], indexes: dict[int, Path]) -> 
             info0 = info
         index_dir = indexes[int(info["embed_dim"])]
         ckpt = make_checkpoint(work, arch)
-        stem = "image_encoder" if i == 0 else f"image_encoder_{arch}"
+        stem = f"image_encoder_{arch}"  # one per model: a --work-dir reused with other models never mixes them
         export = exports[arch] = export_models(work, ckpt, stem, args.threads)
         onnx_path, files = Path(export["fp32"]["path"]), export["int8_files"]
         names = {"torch": (ckpt, "torch")}
@@ -332,7 +327,7 @@ def run_image(args, work: Path, models: list[str], indexes: dict[int, Path]) -> 
             resolution = int(info["image_resolution"])
             for side in sorted({int(x) for x in args.sides.split(",") if x.strip()} - {resolution}, reverse=True):
                 rep = side_exports[side] = export_models(work, make_checkpoint(work, arch, side),
-                                                         f"image_encoder_{side}px", args.threads)
+                                                         f"image_encoder_{arch}_{side}px", args.threads)
                 names[f"onnx-int8 @{side}px"] = (Path(rep["int8"]["path"]), "onnx")
         for name, (enc, backend) in names.items():
             backends[_row_name(arch, name, several)] = (enc, backend, index_dir)
@@ -441,19 +436,24 @@ def _short_text_name(text_model: str | None) -> str:
             "RoBERTa-wwm-ext-large-chinese": "RoBERTa-large (24 layers)"}.get(text_model or "", text_model or "preset")
 
 
-def run_text(args, work: Path, index_dir: Path) -> dict:
-    """The text-query part: per text architecture, torch / ONNX fp32 / ONNX int8 text encoders, timed end to end."""
+def run_text(args, work: Path, vision: str, index_dir: Path) -> dict:
+    """The text-query part: per text architecture, torch / ONNX fp32 / ONNX int8 text encoders, timed end to end.
+
+    The text towers are those of ``vision``'s model, the model whose embedding size ``index_dir`` holds: a
+    cn_clip text tower projects into its own model's embedding space (a preset has a text tower of its own).
+    """
     from cnclip_kd.deploy.latency import summarize_timings
     from cnclip_kd.deploy.quantize import int8_path
     from cnclip_kd.core.tokenizer import tokenize
 
-    text_models = [None] if args.preset else [t.strip() for t in args.text_models.split(",") if t.strip()]
+    preset = vision in _presets()
+    text_models = [None] if preset else [t.strip() for t in args.text_models.split(",") if t.strip()]
     queries = list(TEXT_QUERIES)
     rows, exports, verdicts, notes, load_s, torch_free = [], {}, [], [], {}, {}
     for tm in text_models:
         label = f"text · {_short_text_name(tm)}"
-        ckpt = make_checkpoint(work, args.preset or DEFAULT_VISION, text_model=tm)
-        stem = "text_encoder" if tm in (None, DEFAULT_TEXT) else f"text_encoder_{tm}"
+        ckpt = make_checkpoint(work, vision, text_model=tm)
+        stem = f"text_encoder_{vision}" + ("" if tm in (None, DEFAULT_TEXT) else f"_{tm}")
         export = exports[label] = export_models(work, ckpt, stem, args.threads, text=True)
         fp32 = Path(export["fp32"]["path"])
         backends = {TEXT_BASELINE: ckpt, "onnx-text-fp32": fp32, "onnx-text-int8": int8_path(fp32)}
@@ -486,7 +486,8 @@ def run_text(args, work: Path, index_dir: Path) -> dict:
                      f"{export['n_texts']} texts; int8 mean {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f}); "
                      f"{export['fp32']['mb']:.0f} MB → {q['mb']:.0f} MB; batch-1 encode of a "
                      f"{export['timing_texts']['short_tokens']}-token / full {export['timing_texts']['full_tokens']}-"
-                     f"token query: torch {export['torch']['encode_ms']:.1f} / {export['torch']['encode_ms_full']:.1f} ms, "
+                     f"token query: torch {export['torch']['encode_ms']:.1f} / "
+                     f"{export['torch']['encode_ms_full']:.1f} ms, "
                      f"fp32 {export['fp32']['encode_ms']:.1f} / {export['fp32']['encode_ms_full']:.1f}, "
                      f"int8 {q['encode_ms']:.1f} / {q['encode_ms_full']:.1f}"
                      + (f"; {', '.join(dropped)} timed on 2 passes only" if dropped else "") + ".")
@@ -544,7 +545,6 @@ def main(argv=None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="query-latency-"))
     work.mkdir(parents=True, exist_ok=True)
     models = [m.strip() for m in (args.preset or args.vision_models).split(",") if m.strip()]
-    args.preset = models[0] if args.preset else None  # the text queries use the first preset's text tower
     dims = list(dict.fromkeys(int(_model_info(m)["embed_dim"]) for m in models))
     host = machine()
     logger.info("machine: %s", host)
@@ -552,7 +552,8 @@ def main(argv=None) -> int:
     indexes = {dim: path for dim, (path, _) in built.items()}
     index_stats = built[dims[0]][1]
     image = run_image(args, work, models, indexes) if args.image else None
-    text = run_text(args, work, indexes[dims[0]]) if args.text else None
+    # The text queries search the first model's index with that same model's text tower.
+    text = run_text(args, work, models[0], indexes[dims[0]]) if args.text else None
 
     host["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     lines = [
@@ -587,4 +588,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_worker_error(main))

@@ -399,14 +399,16 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP search service over a saved index and ONNX encoders (FastAPI + uvicorn)",
                        description="Serve POST /search (image or q= text), GET /images/{id}, /healthz, /metrics "
-                                   "(Prometheus) and POST /admin/reload (index hot swap; SIGHUP does the same) "
-                                   "over a saved index folder and the exported ONNX encoders; torch is not "
-                                   "loaded. OpenAPI page at /docs.")
+                                   "(Prometheus) and POST /admin/reload (index hot swap; SIGHUP reloads the served "
+                                   "folder) over a saved index folder and the exported ONNX encoders; torch is not "
+                                   "loaded. OpenAPI page at /docs. Two keys: --api-key-file guards the queries, "
+                                   "--admin-key-file the admin endpoints (off without it).")
     p.add_argument("--index", required=True, help="index folder written by `cnclip-kd index` / notebook 03")
     p.add_argument("--model", required=True, help="image encoder .onnx (cnclip-kd export)")
     p.add_argument("--text-model", default=None, help="text encoder .onnx (cnclip-kd export --text-out); "
                                                       "without it text queries answer no_text_tower")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                       "another address without --api-key-file logs a warning)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (default 1; each loads the index and encoders; with more than one, "
@@ -423,8 +425,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                                                "(default 30; then 504 timeout)")
     p.add_argument("--body-timeout", type=float, default=None, help="limit on receiving a request body, in "
                                                                     "seconds (default: --timeout; then 408)")
-    p.add_argument("--api-key-file", default=None, help="file holding the API key that /search, /images and "
-                                                        "/admin need (header X-API-Key)")
+    p.add_argument("--api-key-file", default=None, help="file holding the query key that /search and /images "
+                                                        "need (header X-API-Key); optional")
+    p.add_argument("--admin-key-file", default=None,
+                   help="file holding the admin key that /admin/reload and every endpoint that changes the "
+                        "service need (header X-API-Key; it may also query); without it they answer 403 "
+                        "admin_disabled")
+    p.add_argument("--index-root", default=None,
+                   help="/admin/reload loads only --index or a folder under this one, symlinks resolved "
+                        "(default: the parent folder of --index); elsewhere is 403 forbidden_path")
     p.set_defaults(func=_run_serve)
 
 
@@ -434,26 +443,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .deploy.serve import DEFAULT_MAX_PIXELS, SERVE_ENV, create_app, reload_from_signal
+    from .deploy.service import AccessKeys, read_key_file, warn_exposure
 
-    api_key = None
-    if args.api_key_file:
-        api_key = open(args.api_key_file, encoding="utf-8").read().strip()
-        if not api_key:
-            logger.error("%s: empty API key file", args.api_key_file)
-            return 2
+    try:  # the keys are read (and their files' modes checked) here; they are never logged
+        api_key = read_key_file(args.api_key_file, "API") if args.api_key_file else None
+        admin_key = read_key_file(args.admin_key_file, "admin") if args.admin_key_file else None
+        keys = AccessKeys.of(api_key, admin_key)
+    except (ValueError, OSError) as err:
+        logger.error("%s", err)
+        return 2
+    warn_exposure(args.host, keys)
     settings = {"index_dir": args.index, "encoder": args.model, "text_encoder": args.text_model,
-                "api_key": api_key, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
+                "index_root": args.index_root, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
                 "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "request_timeout_s": args.timeout,
                 "body_timeout_s": args.body_timeout,
                 "max_queue": args.max_queue, "threads": args.threads, "pool_size": args.pool}
     if args.workers > 1:
-        # Each worker process builds its own app (uvicorn needs an import string for that).
-        os.environ[SERVE_ENV] = json.dumps(settings)
+        # Each worker process builds its own app (uvicorn needs an import string for that); the keys
+        # travel as their files' paths, not in the environment.
+        files = {"api_key_file": args.api_key_file, "admin_key_file": args.admin_key_file}
+        os.environ[SERVE_ENV] = json.dumps({**settings, **{k: os.path.abspath(v) for k, v in files.items() if v}})
         uvicorn.run("cnclip_kd.deploy.serve:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="info", timeout_graceful_shutdown=10)
         return 0
     try:
-        app = create_app(**settings)  # loads here: a bad index or model fails before the port opens
+        app = create_app(**settings, api_key=api_key, admin_key=admin_key)  # loads here: fails before the port opens
     except ValueError as err:
         logger.error("%s", err)
         return 2

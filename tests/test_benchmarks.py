@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, *args: str, cwd: Path) -> None:
+def _run(script: str, *args: str, cwd: Path, check: bool = True,
+         timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -47,6 +51,47 @@ def test_query_latency_reports_every_backend_model_and_smaller_sides(tmp_path):
     text = report["markdown"]
     assert "a model at its own trained resolution" in text and "at any input side" in text
     assert "16 px: 5 tokens instead of 17" in text and "onnx-int8-static" in text
+
+
+#: Text queries only, for one vision model named the way a user names one (``--vision-model``), not ``--preset``.
+TEXT_ONLY = ("--no-image", "--gallery", "300", "--repeats", "1", "--warmup", "0", "--gap-ms", "0", "--threads", "1",
+             "--text-models", "RBT3-chinese")
+
+
+@pytest.fixture(scope="module")
+def text_only_run(tmp_path_factory):
+    """``query_latency.py --vision-model tiny --no-image`` run once: ``(work dir, report)``. Timed out (not hung)
+    if a worker dies and the coordinator waits for it."""
+    tmp = tmp_path_factory.mktemp("text-only")
+    work, out = tmp / "work", tmp / "text.json"
+    _run("query_latency.py", "--vision-model", "tiny", *TEXT_ONLY, "--work-dir", str(work), "--out", str(out),
+         cwd=tmp, timeout=420)
+    return work, json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_query_latency_text_queries_use_the_text_tower_of_the_indexed_model(text_only_run):
+    # The index holds tiny's 32-d embeddings: the text encoders must be tiny's own text tower (its preset's),
+    # not a ViT-B-16 (512-d) one, or every text worker fails its dimension check.
+    _, report = text_only_run
+    label = "text · preset"
+    assert [(r["query"], r["backend"]) for r in report["text_rows"]] == [
+        (label, b) for b in ("torch-text", "onnx-text-fp32", "onnx-text-int8")]
+    assert report["index"]["dim"] == 32 and report["text"]["exports"][label]["dim"] == 32
+    assert all(r["n"] == 6 and r["total"]["p50"] > 0 for r in report["text_rows"])
+
+
+def test_query_latency_stops_with_the_error_of_a_worker_that_fails(text_only_run, tmp_path):
+    # Every back-end loads the index in its own process: one that cannot must end the run with its error.
+    work, _ = text_only_run
+    shutil.copytree(work, tmp_path / "work")
+    (index_dir,) = (tmp_path / "work").glob("index-*")
+    (index_dir / "index.faiss").unlink()
+    proc = _run("query_latency.py", "--vision-model", "tiny", *TEXT_ONLY, "--work-dir", str(tmp_path / "work"),
+                cwd=tmp_path, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "query_latency.py: error: torch-text (text · preset): the worker failed" in proc.stderr
+    assert "FileNotFoundError" in proc.stderr and "missing index.faiss" in proc.stderr
+    assert "## Query latency" not in proc.stdout
 
 
 @pytest.mark.slow

@@ -301,6 +301,26 @@ def test_gallery_from_source_skips_broken_images(photo_folder, caplog):
     assert gallery.image(0).size == (40, 30)
 
 
+def test_a_file_gallery_records_its_image_roots_through_save_and_load(photo_folder, tmp_path):
+    gallery = gallery_from_source(photo_folder)
+    assert gallery.image_roots == (str(photo_folder.resolve()),)  # the service serves files from under it only
+    emb = _unit(np.random.default_rng(0).standard_normal((len(gallery), 8)).astype(np.float32))
+    GalleryIndex.build(emb, gallery, kind="flat").save(tmp_path / "idx")
+    assert GalleryIndex.load(tmp_path / "idx").gallery.image_roots == gallery.image_roots
+
+    # A manifest that names a photo outside its own folder records that photo's folder too.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "x.jpg"
+    Image.new("RGB", (32, 32), "red").save(outside)
+    manifest = photo_folder / "manifest.csv"
+    inside = next(photo_folder.glob("*/00.jpg"))
+    manifest.write_text(f"image,text,label\n{inside.relative_to(photo_folder)},红色上衣,a\n{outside},外面,b\n",
+                        encoding="utf-8")
+    assert gallery_from_source(manifest).image_roots == tuple(sorted([str(photo_folder.resolve()),
+                                                                      str(elsewhere.resolve())]))
+
+
 def test_embedding_resumes_after_an_interruption(photo_folder, tmp_path):
     gallery = gallery_from_source(photo_folder)  # 20 images: chunks of 8, 8, 4 at batch 4 → 2 + 2 + 1 calls
     reference = embed_gallery(CountingEncoder(), gallery, tmp_path / "ref", batch_size=4, chunk_size=8)

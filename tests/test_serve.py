@@ -1,12 +1,13 @@
-"""The HTTP search service (cnclip_kd/serve.py, `cnclip-kd serve`): good queries, bad and hostile input,
-limits, the bounded queue, index hot swap, metrics; in-process (FastAPI's TestClient) and as a real
-server process queried over 127.0.0.1."""
+"""The HTTP search service (cnclip_kd/deploy/serve.py, `cnclip-kd serve`): good queries, bad and hostile input,
+limits, the bounded queue, index hot swap, metrics, the query and admin keys, confined reloads, gallery-only
+images; in-process (FastAPI's TestClient) and as a real server process queried over 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import logging
 import os
 import select
 import shutil
@@ -21,17 +22,20 @@ import zlib
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from badinputs import sample_photo, write_small_bomb_png
 from demo_fixtures import build_saved_index
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cnclip_kd.deploy.serve import create_app, sniff_image_type
+from cnclip_kd.deploy.serve import SERVE_ENV, app_from_env, create_app, sniff_image_type, unguarded_write_routes
 
 MAX_BODY = 1024 * 1024  # small limits keep the hostile cases cheap
 MAX_PIXELS = 1_000_000
 API_KEY = "s3cret-key"
+ADMIN_KEY = "adm1n-s3cret"
+ADMIN = {"X-API-Key": ADMIN_KEY}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -67,8 +71,8 @@ def indexes(checkpoint, data_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def app(indexes, models):
-    return create_app(indexes["test"], models["image"], models["text"], api_key=API_KEY, max_body_bytes=MAX_BODY,
-                      max_pixels=MAX_PIXELS, request_timeout_s=20, threads=1, pool_size=2)
+    return create_app(indexes["test"], models["image"], models["text"], api_key=API_KEY, admin_key=ADMIN_KEY,
+                      max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS, request_timeout_s=20, threads=1, pool_size=2)
 
 
 @pytest.fixture
@@ -282,6 +286,8 @@ def test_api_key(app, client, photo):
         _error(bare.post("/search", content=photo, headers=headers), 401, "unauthorized")
         _error(bare.get("/images/1", headers=headers), 401, "unauthorized")
         _error(bare.post("/admin/reload", headers=headers), 401, "unauthorized")
+    for headers in ({"X-API-Key": API_KEY}, {"Authorization": f"Bearer {API_KEY}"}):  # a query key is no admin key
+        _error(bare.post("/admin/reload", headers=headers), 401, "unauthorized")
     ok = bare.post("/search?k=1", content=photo, headers={"Authorization": f"Bearer {API_KEY}"})
     assert ok.status_code == 200, ok.text
     assert bare.get("/healthz").status_code == 200 and bare.get("/metrics").status_code == 200  # probes need no key
@@ -353,7 +359,7 @@ def test_reload_good_and_broken_indexes(app, client, indexes, photo):
     service = app.state.service
     before = client.get("/healthz").json()
     try:
-        swapped = client.post("/admin/reload", json={"index_dir": str(indexes["valid"])})
+        swapped = client.post("/admin/reload", json={"index_dir": str(indexes["valid"])}, headers=ADMIN)
         assert swapped.status_code == 200, swapped.text
         assert swapped.json()["previous"]["index_version"] == before["index_version"]
         valid_version = swapped.json()["index_version"]
@@ -363,14 +369,15 @@ def test_reload_good_and_broken_indexes(app, client, indexes, photo):
         assert {r["id"] for r in _good_image_query(client, photo)["results"]} <= valid_ids
 
         for broken in ("empty", "corrupt", "other_model"):
-            refused = client.post("/admin/reload", params={"index_dir": str(indexes[broken])})
+            refused = client.post("/admin/reload", params={"index_dir": str(indexes[broken])}, headers=ADMIN)
             body = _error(refused, 422, "bad_index")
             assert valid_version in body["error"]["message"]
             assert client.get("/healthz").json()["index_version"] == valid_version  # old one keeps serving
             assert _good_image_query(client, photo)["index_version"] == valid_version
-        _error(client.post("/admin/reload", params={"index_dir": str(indexes["test"] / "nope")}), 422, "bad_index")
+        _error(client.post("/admin/reload", params={"index_dir": str(indexes["test"] / "nope")}, headers=ADMIN),
+               422, "bad_index")
     finally:
-        back = client.post("/admin/reload", json={"index_dir": str(indexes["test"])})
+        back = client.post("/admin/reload", json={"index_dir": str(indexes["test"])}, headers=ADMIN)
         assert back.status_code == 200, back.text
     assert client.get("/healthz").json()["index_version"] == before["index_version"]
     metrics = client.get("/metrics").text
@@ -396,7 +403,7 @@ def test_reload_during_load_fails_no_request(app, client, indexes, photo):
         t.start()
     try:
         for target in ("valid", "test", "valid", "test"):
-            response = client.post("/admin/reload", json={"index_dir": str(indexes[target])})
+            response = client.post("/admin/reload", json={"index_dir": str(indexes[target])}, headers=ADMIN)
             assert response.status_code == 200, response.text
     finally:
         stop.set()
@@ -408,7 +415,7 @@ def test_reload_during_load_fails_no_request(app, client, indexes, photo):
 
 def test_reload_same_folder_by_default(app, client, photo):
     version = client.get("/healthz").json()["index_version"]
-    response = client.post("/admin/reload")
+    response = client.post("/admin/reload", headers=ADMIN)
     assert response.status_code == 200 and response.json()["index_version"] == version
     _good_image_query(client, photo)
 
@@ -482,40 +489,53 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def server(indexes, models, tmp_path_factory):
-    """`cnclip-kd serve` as a child process on a free 127.0.0.1 port; stopped (SIGTERM, then SIGKILL) after."""
-    tmp = tmp_path_factory.mktemp("serve-proc")
-    key_file = tmp / "api.key"
-    key_file.write_text(API_KEY + "\n", encoding="utf-8")
+def _key_file(path: Path, key: str) -> Path:
+    path.write_text(key + "\n", encoding="utf-8")
+    path.chmod(0o600)  # readable by this user only: no warning
+    return path
+
+
+def _spawn_server(args: list, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`cnclip-kd serve ARGS --port <free>` as a child process, once its /healthz answers 200: (process, base url)."""
     port = _free_port()
-    log = open(tmp / "server.log", "wb")
-    cmd = [sys.executable, "-m", "cnclip_kd.cli", "serve", "--index", str(indexes["test"]), "--model",
-           models["image"], "--text-model", models["text"], "--port", str(port), "--threads", "1", "--pool", "2",
-           "--max-body-mb", str(MAX_BODY / 2 ** 20), "--max-pixels", str(MAX_PIXELS), "--timeout", "60",
-           "--body-timeout", "3",
-           "--api-key-file", str(key_file)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "cnclip_kd.cli", "serve", *map(str, args), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text(errors="replace")
+            assert proc.poll() is None, log_path.read_text(errors="replace")
             assert time.monotonic() < deadline, "server did not start in 120 s"
             try:
                 if httpx.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
+                    return proc, base
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        yield {"base": base, "port": port, "proc": proc, "log": tmp / "server.log"}
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(indexes, models, tmp_path_factory):
+    """`cnclip-kd serve` (query and admin keys) as a child process on a free 127.0.0.1 port; stopped (SIGTERM,
+    then SIGKILL) after."""
+    tmp = tmp_path_factory.mktemp("serve-proc")
+    args = ["--index", indexes["test"], "--model", models["image"], "--text-model", models["text"], "--threads", "1",
+            "--pool", "2", "--max-body-mb", MAX_BODY / 2 ** 20, "--max-pixels", MAX_PIXELS, "--timeout", "60",
+            "--body-timeout", "3", "--api-key-file", _key_file(tmp / "api.key", API_KEY),
+            "--admin-key-file", _key_file(tmp / "admin.key", ADMIN_KEY)]
+    proc, base = _spawn_server(args, tmp / "server.log")
+    try:
+        yield {"base": base, "port": int(base.rsplit(":", 1)[1]), "proc": proc, "log": tmp / "server.log"}
     finally:
         _stop(proc)
-        log.close()
 
 
 @pytest.mark.slow
-def test_real_server_good_and_bad_requests(server, photo):
+def test_real_server_good_and_bad_requests(server, indexes, photo):
     base, port = server["base"], server["port"]
     headers = {"X-API-Key": API_KEY}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
@@ -538,7 +558,10 @@ def test_real_server_good_and_bad_requests(server, photo):
             (http.post(f"/search?k={10 ** 6}", content=photo), 400, "bad_k"),
             (http.get("/images/999999999"), 404, "not_found"),
             (http.post("/search", content=photo, headers={"X-API-Key": "nope"}), 401, "unauthorized"),
-            (http.post("/admin/reload", params={"index_dir": "/nonexistent"}), 422, "bad_index"),
+            (http.post("/admin/reload", params={"index_dir": str(indexes["test"].parent / "nonexistent")},
+                       headers=ADMIN), 422, "bad_index"),
+            (http.post("/admin/reload", params={"index_dir": "/nonexistent"}, headers=ADMIN), 403, "forbidden_path"),
+            (http.post("/admin/reload", params={"index_dir": str(indexes["valid"])}), 401, "unauthorized"),
         ]
         for response, status, code in cases:
             _error(response, status, code)
@@ -724,7 +747,7 @@ def test_real_server_reload_under_load_fails_no_request(server, indexes, photo):
 
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client_loop) for _ in range(3)]
-        with httpx.Client(base_url=server["base"], headers=headers, timeout=60) as admin:
+        with httpx.Client(base_url=server["base"], headers=ADMIN, timeout=60) as admin:
             time.sleep(0.5)
             swapped = admin.post("/admin/reload", params={"index_dir": str(indexes["valid"])})
             broken = admin.post("/admin/reload", params={"index_dir": str(indexes["corrupt"])})
@@ -733,3 +756,360 @@ def test_real_server_reload_under_load_fails_no_request(server, indexes, photo):
     assert swapped.status_code == 200 and back.status_code == 200, (swapped.text, back.text)
     _error(broken, 422, "bad_index")
     assert len(codes) >= 3 and set(codes) == {200}, sorted(set(codes))
+
+
+# --------------------------------------------------------------------------- two keys, confined reloads, gallery images
+
+
+@pytest.fixture(scope="module")
+def file_gallery(indexes, tmp_path_factory) -> dict:
+    """An index whose gallery reads files (not an LMDB) under one recorded image root, with rows that name a
+    file outside it, a text file inside it, a symlink inside it that leads outside and a `..` path out of it.
+    The index folder sits under the other indexes' folder (the default index root)."""
+    from cnclip_kd.retrieval.gallery import Gallery
+
+    index_dir = shutil.copytree(indexes["test"], indexes["test"].parent / "file-gallery")
+    record = json.loads((index_dir / "gallery.json").read_text(encoding="utf-8"))
+    ids = np.load(index_dir / "ids.npy")
+    lmdb = Gallery.from_json(record, ids, base=index_dir)
+    tmp = tmp_path_factory.mktemp("file-gallery")
+    photos, outside = tmp / "photos", tmp / "outside"
+    (photos / "shop").mkdir(parents=True)
+    outside.mkdir()
+    rows = list(record["meta"])
+    for row, image_id in enumerate(ids.tolist()):
+        path = photos / "shop" / f"{image_id}.jpg"
+        path.write_bytes(lmdb.image_bytes(row))
+        rows[row]["image"] = str(path)
+    secret = outside / "secret.jpg"
+    secret.write_bytes(lmdb.image_bytes(0))  # a real JPEG: only where it lies refuses it
+    notes = photos / "shop" / "notes.jpg"
+    notes.write_text("这不是图片 not an image\n" * 20, encoding="utf-8")
+    link = photos / "shop" / "link.jpg"
+    link.symlink_to(secret)
+    cases = dict(zip(("good", "outside", "text", "symlink", "dotdot"), ids[:5].tolist()))
+    rows[1]["image"] = str(secret)
+    rows[2]["image"] = str(notes)
+    rows[3]["image"] = str(link)
+    rows[4]["image"] = f"{photos}/shop/../../outside/secret.jpg"
+    record.update(lmdb_dir=None, meta=rows, image_roots=[str(photos)])
+    record.pop("lmdb_dir_rel", None)
+    (index_dir / "gallery.json").write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    return {"index": index_dir, "ids": cases, "photos": photos, "secret": secret}
+
+
+def _write_routes(app) -> list[str]:
+    """Every route that may change the service (anything but GET and the POST query)."""
+    return [route.path for route in app.routes
+            if set(getattr(route, "methods", None) or ()) - {"GET", "HEAD"} and route.path != "/search"]
+
+
+def test_admin_disabled_without_an_admin_key(indexes, models, photo):
+    app = create_app(indexes["test"], models["image"], api_key=API_KEY, threads=1, pool_size=1)
+    writes = _write_routes(app)
+    assert "/admin/reload" in writes
+    with TestClient(app, raise_server_exceptions=False) as client:
+        version = client.get("/healthz").json()["index_version"]
+        for path in writes:
+            for headers in ({}, {"X-API-Key": API_KEY}, {"X-API-Key": ADMIN_KEY}, {"Authorization": "Bearer x"}):
+                body = _error(client.post(path, params={"index_dir": str(indexes["valid"])}, headers=headers),
+                              403, "admin_disabled")
+                assert API_KEY not in json.dumps(body)
+        health = client.get("/healthz").json()
+        assert health["admin_enabled"] is False and health["index_version"] == version  # nothing was loaded
+        assert client.post("/search?k=1", content=photo, headers={"X-API-Key": API_KEY}).status_code == 200
+        _error(client.post("/search?k=1", content=photo), 401, "unauthorized")  # the query key still guards
+    open_app = create_app(service=app.state.service)  # no key at all: queries open, admin still off
+    with TestClient(open_app, raise_server_exceptions=False) as client:
+        assert client.post("/search?k=1", content=photo).status_code == 200
+        _error(client.post("/admin/reload"), 403, "admin_disabled")
+
+
+def test_admin_key_may_query_and_keys_stay_secret(client, photo):
+    health = client.get("/healthz").json()
+    assert health["admin_enabled"] is True
+    assert API_KEY not in json.dumps(health) and ADMIN_KEY not in json.dumps(health)
+    top = _good_image_query(client, photo)["results"][0]
+    as_admin = client.post("/search?k=3", content=photo, headers=ADMIN)
+    assert as_admin.status_code == 200 and as_admin.json()["results"][0]["id"] == top["id"]
+    assert client.get(top["image_url"], headers=ADMIN).status_code == 200
+    for response in (client.post("/admin/reload", headers={"X-API-Key": API_KEY}),
+                     client.post("/admin/reload", headers={"X-API-Key": ADMIN_KEY + "x"}),
+                     client.post("/search", content=photo, headers={"X-API-Key": API_KEY[:-1]})):
+        _error(response, 401, "unauthorized")
+        assert API_KEY not in response.text and ADMIN_KEY not in response.text
+
+
+def test_one_key_for_both_roles_is_refused():
+    with pytest.raises(ValueError, match="differ"):
+        create_app("never-loaded", api_key=API_KEY, admin_key=API_KEY)
+
+
+def test_every_write_route_needs_the_admin_key(indexes, models):
+    from fastapi import APIRouter
+
+    from cnclip_kd.deploy.serve import add_admin_route
+
+    app = create_app(indexes["test"], models["image"], threads=1, pool_size=1)
+    assert unguarded_write_routes(app) == []
+
+    async def write():
+        return {}
+
+    add_admin_route(app, "/admin/forget", write, methods=["POST", "DELETE"])  # the way to add one: guarded
+    assert unguarded_write_routes(app) == []
+    with TestClient(app, raise_server_exceptions=False) as client:
+        _error(client.post("/admin/forget"), 403, "admin_disabled")
+        _error(client.delete("/admin/forget"), 403, "admin_disabled")
+    app.router.add_api_route("/forget", write, methods=["PUT"])  # added around the guard
+    assert unguarded_write_routes(app) == ["PUT /forget"]
+    app.router.routes.pop()
+    router = APIRouter()
+    router.add_api_route("/x", write, methods=["POST"])
+    app.include_router(router)  # a route the check cannot see into counts as unguarded
+    assert len(unguarded_write_routes(app)) == 1
+
+
+def test_reload_escapes_are_forbidden(app, client, indexes, photo, tmp_path):
+    root = indexes["test"].parent
+    elsewhere = shutil.copytree(indexes["valid"], tmp_path / "elsewhere")  # a good index outside the root
+    escape_link = root / "escape-link"
+    escape_link.symlink_to(elsewhere, target_is_directory=True)
+    alias = root / "valid-alias"
+    alias.symlink_to(indexes["valid"], target_is_directory=True)  # a symlink that stays inside
+    before = client.get("/healthz").json()["index_version"]
+    escapes = ["../../etc", "/etc", str(elsewhere), str(escape_link),
+               f"{root}/test/../../{tmp_path.name}/elsewhere", f"{root}/{'../' * 20}etc", str(root.parent)]
+    metric = 'cnclip_index_reloads_total{outcome="forbidden"}'
+    forbidden_before = next((float(line.split()[-1]) for line in client.get("/metrics").text.splitlines()
+                             if line.startswith(metric)), 0.0)
+    try:
+        for target in escapes:
+            body = _error(client.post("/admin/reload", json={"index_dir": target}, headers=ADMIN), 403,
+                          "forbidden_path")
+            assert str(elsewhere) not in body["error"]["message"]
+            assert client.get("/healthz").json()["index_version"] == before  # the old index keeps serving
+            assert _good_image_query(client, photo)["index_version"] == before
+        for bad in (42, ["/etc"], ""):
+            _error(client.post("/admin/reload", json={"index_dir": bad}, headers=ADMIN), 400, "bad_request")
+        inside = client.post("/admin/reload", json={"index_dir": str(alias)}, headers=ADMIN)
+        assert inside.status_code == 200, inside.text
+        assert inside.json()["index_dir"] == str(indexes["valid"].resolve())
+    finally:
+        escape_link.unlink()
+        alias.unlink()
+        back = client.post("/admin/reload", json={"index_dir": str(indexes["test"])}, headers=ADMIN)
+        assert back.status_code == 200, back.text
+    metrics = client.get("/metrics").text
+    assert f"{metric} {forbidden_before + len(escapes)}" in metrics
+
+
+def test_explicit_index_root(indexes, models, tmp_path):
+    root = tmp_path / "indexes"
+    v2 = shutil.copytree(indexes["valid"], root / "v2")
+    app = create_app(indexes["test"], models["image"], admin_key=ADMIN_KEY, index_root=root, threads=1, pool_size=1)
+    assert app.state.service.index_root == root.resolve()
+    with TestClient(app, raise_server_exceptions=False, headers=ADMIN) as client:
+        ok = client.post("/admin/reload", params={"index_dir": str(v2)})
+        assert ok.status_code == 200 and ok.json()["index_dir"] == str(v2.resolve()), ok.text
+        # A sibling of the served folder is outside this root; the served folder itself always reloads.
+        _error(client.post("/admin/reload", params={"index_dir": str(indexes["valid"])}), 403, "forbidden_path")
+        assert client.get("/healthz").json()["index_dir"] == str(v2.resolve())
+        back = client.post("/admin/reload", params={"index_dir": str(indexes["test"])})
+        assert back.status_code == 200 and back.json()["index_dir"] == str(indexes["test"].resolve()), back.text
+
+
+def test_images_only_from_the_gallery(file_gallery, models, caplog):
+    app = create_app(file_gallery["index"], models["image"], threads=1, pool_size=1)
+    ids = file_gallery["ids"]
+    assert app.state.service.current.image_roots == (file_gallery["photos"].resolve(),)
+    caplog.set_level(logging.WARNING, logger="cnclip_kd.deploy.service")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        good = client.get(f"/images/{ids['good']}")
+        assert good.status_code == 200 and good.headers["content-type"] == "image/jpeg"
+        Image.open(io.BytesIO(good.content)).verify()
+        for _ in range(2):  # asked twice, logged once
+            for case in ("outside", "text", "symlink", "dotdot"):
+                response = client.get(f"/images/{ids[case]}")
+                _error(response, 404, "not_found")
+                assert str(file_gallery["secret"]) not in response.text and "outside" not in response.text
+    refusals = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert len(refusals) == 4, refusals
+    by_id = {case: next(m for m in refusals if f"image id {ids[case]} " in m) for case in ids if case != "good"}
+    for case in ("outside", "symlink", "dotdot"):
+        assert "outside the gallery's image roots" in by_id[case], by_id[case]
+    assert str(file_gallery["secret"]) in by_id["outside"]
+    assert "not a JPEG, PNG" in by_id["text"]
+
+
+def test_lmdb_image_missing_is_404_logged_once(indexes, models, caplog):
+    index_dir = shutil.copytree(indexes["test"], indexes["test"].parent / "lmdb-missing")
+    ids = np.load(index_dir / "ids.npy")
+    ids[0] = 10 ** 9  # indexed, but not in the LMDB
+    np.save(index_dir / "ids.npy", ids)
+    app = create_app(index_dir, models["image"], threads=1, pool_size=1)
+    caplog.set_level(logging.WARNING, logger="cnclip_kd.deploy.service")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(2):
+            _error(client.get(f"/images/{10 ** 9}"), 404, "not_found")
+        good = client.get(f"/images/{int(ids[1])}")
+        assert good.status_code == 200 and sniff_image_type(good.content) == "jpeg"
+    refusals = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert len(refusals) == 1 and "LMDB" in refusals[0], refusals
+
+
+def test_gallery_without_recorded_roots(tmp_path, caplog):
+    from cnclip_kd.deploy.service import gallery_image_roots
+    from cnclip_kd.retrieval.gallery import Gallery
+
+    shop = tmp_path / "photos" / "shop"
+    (shop / "a").mkdir(parents=True)
+    (shop / "b").mkdir()
+
+    def gallery(*paths):
+        return Gallery(ids=np.arange(len(paths)), meta=[{"id": i, "image": str(p)} for i, p in enumerate(paths)])
+
+    caplog.set_level(logging.WARNING, logger="cnclip_kd.deploy.service")
+    assert gallery_image_roots(gallery(shop / "a" / "1.jpg", shop / "b" / "2.jpg")) == (shop.resolve(),)
+    assert "records no image roots" in caplog.text
+    assert gallery_image_roots(gallery(shop / "a" / "1.jpg"), ["../elsewhere"], base=shop) == (
+        (tmp_path / "photos" / "elsewhere").resolve(),)
+    assert gallery_image_roots(gallery(shop / "a" / "1.jpg", Path("/etc/passwd"))) == ()  # only "/" in common
+    lmdb = Gallery(ids=np.arange(1), meta=[{"id": 0, "image": None}], lmdb_dir=str(tmp_path))
+    assert gallery_image_roots(lmdb, [str(tmp_path)]) == ()  # an LMDB gallery serves from its LMDB only
+
+
+def test_exposure_and_key_file_warnings(tmp_path, caplog):
+    from cnclip_kd.deploy.service import (
+        AccessKeys,
+        is_loopback,
+        read_key_file,
+        warn_exposure,
+    )
+
+    caplog.set_level(logging.INFO, logger="cnclip_kd.deploy.service")
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
+    open_keys, query_only = AccessKeys.of(), AccessKeys.of(API_KEY)
+    assert warn_exposure("127.0.0.1", open_keys) == [] and warn_exposure("0.0.0.0", query_only) == []
+    warnings = warn_exposure("0.0.0.0", open_keys)
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "without a query key" in warnings[0]
+    assert "admin endpoints off" in caplog.text
+    caplog.clear()
+    loose = tmp_path / "loose.key"
+    loose.write_text(f"  {ADMIN_KEY}\n", encoding="utf-8")
+    loose.chmod(0o644)
+    assert read_key_file(loose, "admin") == ADMIN_KEY
+    assert "readable by other users" in caplog.text and str(loose) in caplog.text
+    caplog.clear()
+    assert read_key_file(_key_file(tmp_path / "tight.key", API_KEY)) == API_KEY
+    assert caplog.text == ""
+    (tmp_path / "empty.key").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        read_key_file(tmp_path / "empty.key")
+    assert repr(AccessKeys.of(API_KEY, ADMIN_KEY)) == "AccessKeys()"  # a logged object never shows a key
+    assert ADMIN_KEY not in caplog.text and API_KEY not in caplog.text
+
+
+def test_cli_and_worker_env_carry_the_new_settings(indexes, models, photo, tmp_path, monkeypatch, caplog):
+    import uvicorn
+
+    from cnclip_kd import cli
+
+    api_file, admin_file = _key_file(tmp_path / "api.key", API_KEY), _key_file(tmp_path / "admin.key", ADMIN_KEY)
+    caplog.set_level(logging.INFO)
+    # The same key for both roles: refused before anything loads.
+    assert cli.main(["serve", "--index", str(indexes["test"]), "--model", models["image"],
+                     "--api-key-file", str(api_file), "--admin-key-file", str(api_file)]) == 2
+    monkeypatch.setenv(SERVE_ENV, "")
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: ran.update(target=target, **kw))
+    root = tmp_path / "root"
+    shutil.copytree(indexes["valid"], root / "v2")
+    assert cli.main(["serve", "--index", str(indexes["test"]), "--model", models["image"], "--workers", "2",
+                     "--threads", "1", "--pool", "1", "--host", "0.0.0.0", "--index-root", str(root),
+                     "--api-key-file", str(api_file), "--admin-key-file", str(admin_file)]) == 0
+    assert ran["target"] == "cnclip_kd.deploy.serve:app_from_env" and ran["host"] == "0.0.0.0"
+    env = os.environ[SERVE_ENV]
+    assert API_KEY not in env and ADMIN_KEY not in env  # the keys travel as their files' paths
+    config = json.loads(env)
+    assert config["api_key_file"] == str(api_file) and config["index_root"] == str(root)
+    assert API_KEY not in caplog.text and ADMIN_KEY not in caplog.text
+    app = app_from_env()
+    assert app.state.service.index_root == root.resolve()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        _error(client.post("/search?k=1", content=photo), 401, "unauthorized")
+        assert client.post("/search?k=1", content=photo, headers={"X-API-Key": API_KEY}).status_code == 200
+        _error(client.post("/admin/reload", params={"index_dir": str(root / "v2")}, headers={"X-API-Key": API_KEY}),
+               401, "unauthorized")
+        _error(client.post("/admin/reload", params={"index_dir": str(indexes["valid"])}, headers=ADMIN), 403,
+               "forbidden_path")
+        assert client.post("/admin/reload", params={"index_dir": str(root / "v2")}, headers=ADMIN).status_code == 200
+        assert client.get("/healthz").json()["admin_enabled"] is True
+
+
+def test_background_server_with_two_keys(indexes, models, photo):
+    from cnclip_kd.deploy.serve import BackgroundServer
+
+    with BackgroundServer(indexes["test"], models["image"], threads=1, api_key=API_KEY,
+                          admin_key=ADMIN_KEY) as server:
+        status, reply = server.request("/search", body=photo, params={"k": 2}, key=API_KEY)
+        assert status == 200 and len(reply["results"]) == 2
+        assert server.request("/search", body=photo)[1]["error"]["code"] == "unauthorized"
+        status, reply = server.request("/admin/reload", key=API_KEY)
+        assert status == 401 and reply["error"]["code"] == "unauthorized"
+        status, reply = server.request("/admin/reload", params={"index_dir": str(indexes["valid"])}, key=ADMIN_KEY)
+        assert status == 200 and reply["index_dir"] == str(indexes["valid"].resolve())
+
+
+@pytest.mark.slow
+def test_real_server_admin_key_confined_reloads_and_gallery_images(server, indexes, models, file_gallery, photo,
+                                                                   tmp_path):
+    """Issue #22 on real `cnclip-kd serve` processes: without an admin key reloads answer 403 admin_disabled;
+    with one, a reload under the root works and every escape is 403 while the old index keeps serving;
+    /images of a file outside the gallery, or of a non-image inside it, is 404."""
+    log_path = tmp_path / "no-admin.log"
+    proc, base = _spawn_server(["--index", file_gallery["index"], "--model", models["image"], "--threads", "1",
+                                "--pool", "1", "--api-key-file", _key_file(tmp_path / "api.key", API_KEY)], log_path)
+    try:
+        with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+            assert http.get("/healthz").json()["admin_enabled"] is False
+            for headers in ({}, {"X-API-Key": API_KEY}, ADMIN):
+                _error(http.post("/admin/reload", params={"index_dir": str(indexes["valid"])}, headers=headers),
+                       403, "admin_disabled")
+                _error(http.post("/admin/reload", headers=headers), 403, "admin_disabled")
+            ids = file_gallery["ids"]
+            good = http.get(f"/images/{ids['good']}")
+            assert good.status_code == 200 and sniff_image_type(good.content) == "jpeg"
+            for case in ("outside", "text", "symlink", "dotdot"):
+                _error(http.get(f"/images/{ids[case]}"), 404, "not_found")
+            assert http.post("/search?k=2", content=photo).status_code == 200
+    finally:
+        _stop(proc)
+    log = log_path.read_text(errors="replace")
+    assert "admin endpoints off" in log and API_KEY not in log
+    assert log.count("not served") == 4 and "outside the gallery's image roots" in log
+
+    root = indexes["test"].parent
+    elsewhere = shutil.copytree(indexes["valid"], tmp_path / "elsewhere")
+    escape_link = root / "escape-link-real"
+    escape_link.symlink_to(elsewhere, target_is_directory=True)
+    try:
+        with httpx.Client(base_url=server["base"], headers=ADMIN, timeout=60) as admin:
+            before = admin.get("/healthz").json()
+            assert before["admin_enabled"] is True
+            escapes = ("../../etc", str(elsewhere), str(escape_link), f"{root}/test/../../{tmp_path.name}/elsewhere")
+            for target in escapes:
+                _error(admin.post("/admin/reload", json={"index_dir": target}), 403, "forbidden_path")
+                assert admin.get("/healthz").json()["index_version"] == before["index_version"]
+                query = admin.post("/search?k=2", content=photo)
+                assert query.status_code == 200 and query.json()["index_version"] == before["index_version"]
+            swapped = admin.post("/admin/reload", json={"index_dir": str(indexes["valid"])})
+            assert swapped.status_code == 200, swapped.text
+            assert swapped.json()["index_version"] != before["index_version"]
+            back = admin.post("/admin/reload", json={"index_dir": str(indexes["test"])})
+            assert back.status_code == 200 and back.json()["index_version"] == before["index_version"]
+    finally:
+        escape_link.unlink()
+    log = server["log"].read_text(errors="replace")
+    assert API_KEY not in log and ADMIN_KEY not in log

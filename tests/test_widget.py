@@ -1,4 +1,5 @@
-"""The query demo (cnclip_kd.notebook.widget.QueryDemo) driven from Python, and notebook 05 headless.
+"""The query demo (cnclip_kd.notebook.widget.QueryDemo) driven from Python, its UI-free query session
+(cnclip_kd.retrieval.session.QuerySession), and notebook 05 headless.
 
 Two tiny trained students (demo_fixtures.demo_output) are indexed over the
 prepared sample's test split (120 images, 10 categories) once per module; an
@@ -15,12 +16,14 @@ import numpy as np
 import pytest
 
 from cnclip_kd import SAMPLE_DATA
-from cnclip_kd.notebook import widget as widget_module
+from cnclip_kd.core.images import BadImageError, load_image
+from cnclip_kd.core.tokenizer import NoTextTowerError, QueryError
+from cnclip_kd.deploy.runtime import Retriever
 from cnclip_kd.retrieval.encoders import load_encoder, text_encoder_for
 from cnclip_kd.retrieval.evaluate import index_model
-from cnclip_kd.retrieval.gallery import gallery_from_split
-from cnclip_kd.core.images import load_image
+from cnclip_kd.retrieval.gallery import Gallery, gallery_from_split
 from cnclip_kd.retrieval.index import GalleryIndex
+from cnclip_kd.retrieval.session import Query, QuerySession, SearchResult, results_markdown
 from cnclip_kd.notebook.widget import CSS, DEFAULT_MAX_UPLOAD_BYTES, QueryDemo
 from demo_fixtures import DEMO_RUNS, build_saved_index, copy_output, demo_output, prepare_sample
 
@@ -326,7 +329,9 @@ def test_model_without_a_text_tower_says_so_and_the_others_still_work(output_dir
     # An index that records "no text tower" answers at once, without loading the model.
     recorded = GalleryIndex(saved.index, saved.gallery,
                             {**saved.stats, "model": {**model, "text_tower": False}}, saved.embeddings)
-    monkeypatch.setattr(widget_module, "load_encoder", lambda *a, **kw: pytest.fail("the model was loaded"))
+    # The session loads encoders lazily, from cnclip_kd.retrieval.encoders (never imported before a model must run).
+    monkeypatch.setattr("cnclip_kd.retrieval.encoders.load_encoder",
+                        lambda *a, **kw: pytest.fail("the model was loaded"))
     quick = QueryDemo({"image-only": recorded}, k=5).build()
     assert quick.search_text("连衣裙") == []
     assert quick.status.startswith("image-only: ") and "no text tower" in quick.status and spec in quick.status
@@ -357,6 +362,111 @@ def test_constructor_errors(tmp_path):
         QueryDemo({})
     with pytest.raises(FileNotFoundError, match="03_build_index"):
         QueryDemo.from_dirs({"nothing": tmp_path})
+
+
+# --------------------------------------------------------------------------- the query session, without the UI
+
+
+def _toy_index() -> GalleryIndex:
+    """Four gallery items in 2-d, two categories: from item 1, item 2 is nearest (same category), then 3 and 4."""
+    meta = [{"id": i, "image": None, "caption": f"item {i}", "label": label, "product_id": f"p{i}"}
+            for i, label in zip((1, 2, 3, 4), ("dress", "dress", "shoe", "shoe"))]
+    angles = np.radians([0.0, 10.0, 30.0, 120.0])
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    return GalleryIndex.build(emb, Gallery(ids=[1, 2, 3, 4], meta=meta), kind="flat", use_gpu=False)
+
+
+def test_session_labels_hits_and_misses_against_the_query():
+    session = QuerySession({"toy": _toy_index()})
+    query = session.gallery_query(image_id=1)
+    assert query == Query("gallery", "id 1", id=1, row=0, label="dress", caption="item 1")
+    answer = session.search(query, k=3)
+    assert isinstance(answer.result, SearchResult) and answer.model == "toy"
+    assert [r["id"] for r in answer.results] == [2, 3, 4]  # the query itself is left out
+    assert [r["same_category"] for r in answer.results] == [True, False, False]
+    assert answer.same_category == 1 and answer.results[0]["product_id"] == "p2"
+    assert [r["rank"] for r in answer.results] == [1, 2, 3]
+    assert answer.timings["encode_ms"] == 0.0 and answer.truncated is False  # the stored embedding
+    # An unlabelled query or hit has no verdict.
+    unlabelled = session.search(Query("gallery", "id 1", id=1, row=0), k=2)
+    assert [r["same_category"] for r in unlabelled.results] == [None, None]
+    # More than the gallery holds: the missing results are dropped, not returned as -1 rows.
+    assert [r["id"] for r in session.search(query, k=10).results] == [2, 3, 4]
+    md = results_markdown(answer.results)
+    assert md.splitlines()[2] == "| 1 | 2 | 0.985 | ✓ | dress | item 2 |" and "| ✗ |" in md
+
+
+def test_session_image_query_from_a_path_or_bytes_equals_the_encoder(indexes):
+    index = indexes[MODELS[0]]
+    session = QuerySession(indexes)
+    from_path = session.image_query(PHOTO)
+    from_bytes = session.image_query(PHOTO.read_bytes(), name="p.jpg")
+    assert (from_path.source, from_path.name, from_bytes.name) == ("upload", PHOTO.name, "p.jpg")
+    assert from_path.to_dict() == {"source": "upload", "id": None, "label": "", "caption": "", "name": PHOTO.name}
+    answer = session.search(from_path, k=6)
+    encoder = load_encoder(index.stats["model"]["spec"], device="cpu")
+    scores, rows = index.search(encoder.encode_pil([load_image(PHOTO)]), 6)
+    assert [r["id"] for r in answer.results] == [int(index.gallery.ids[r]) for r in rows[0]]
+    np.testing.assert_allclose([r["score"] for r in answer.results], scores[0], rtol=1e-5)
+    assert all(r["same_category"] is None for r in answer.results)  # an image from outside has no category
+    assert [r["id"] for r in session.search(from_bytes, k=6).results] == [r["id"] for r in answer.results]
+    assert answer.timings["encode_ms"] > 0 and set(answer.result.timings_ms) == {"decode", "encode", "search", "total"}
+    # The other model answers with its own encoder and index.
+    other = session.search(from_path, MODELS[1], k=6)
+    assert other.model == MODELS[1] and len(other.results) == 6
+
+
+def test_session_text_query_is_the_retrievers(indexes):
+    index = indexes[MODELS[0]]
+    session = QuerySession(indexes)
+    answer = session.search(session.text_query("  白色连衣裙 "), k=5)
+    ids, scores = _text_expected(index, "白色连衣裙", 5)
+    assert [r["id"] for r in answer.results] == ids
+    np.testing.assert_allclose([r["score"] for r in answer.results], scores, rtol=1e-5, atol=1e-6)
+    length = _text_encoder(index).context_length
+    assert answer.result.query == {"text": "白色连衣裙", "truncated": False, "n_tokens": 7, "context_length": length}
+    assert answer.same_category == 0 and all(r["same_category"] is None for r in answer.results)
+    long = session.search(session.text_query("白色长袖雪纺连衣裙" * 10), k=3)
+    assert long.truncated is True and long.context_length == length
+    # One spelling: the serving Retriever (PyTorch text tower of the same index) answers the same.
+    served = Retriever(index, text_encoder=_text_encoder(index)).search_text("  白色连衣裙 ", k=5)
+    assert type(served) is SearchResult and served.query == answer.result.query
+    assert served.ids.tolist() == answer.result.ids.tolist() and served.rows.tolist() == answer.result.rows.tolist()
+
+
+def test_session_refuses_bad_queries_with_clear_errors(indexes, image_only_index, monkeypatch):
+    with pytest.raises(ValueError, match="at least one"):
+        QuerySession({})
+    monkeypatch.setattr("cnclip_kd.retrieval.encoders.load_encoder",
+                        lambda *a, **kw: pytest.fail("a model was loaded for a bad query"))
+    session = QuerySession(indexes)
+    for text in ("", "   ", "\t\n\u3000 "):
+        with pytest.raises(QueryError, match="empty text query"):
+            session.check(session.text_query(text))
+        with pytest.raises(QueryError, match="empty text query"):
+            session.search(session.text_query(text))  # refused before any model loads
+    with pytest.raises(TypeError, match="must be a string"):
+        session.text_query(None)
+    with pytest.raises(KeyError, match="not in the gallery"):
+        session.gallery_query(image_id=-5)
+    with pytest.raises(IndexError, match="outside the gallery"):
+        session.gallery_query(120)
+    with pytest.raises(KeyError):
+        session.search(session.gallery_query(0), "no-such-model")
+    for data, reason in ((b"just some notes\n", "not an image file"), (b"", "empty data"),
+                         (PHOTO.read_bytes()[:2000], "truncated or corrupt")):
+        with pytest.raises(BadImageError, match=reason) as info:
+            session.image_query(data, name="bad.jpg")
+        assert info.value.source == "bad.jpg"
+    # A model without a text tower (recorded in its index): NoTextTowerError naming it, nothing loaded.
+    saved = GalleryIndex.load(image_only_index)
+    recorded = GalleryIndex(saved.index, saved.gallery,
+                            {**saved.stats, "model": {**saved.stats["model"], "text_tower": False}}, saved.embeddings)
+    image_only = QuerySession({"image-only": recorded})
+    for _ in range(2):
+        with pytest.raises(NoTextTowerError, match="no text tower"):
+            image_only.search(image_only.text_query("连衣裙"))
+    assert len(image_only.search(image_only.gallery_query(1), k=5).results) == 5  # images still work
 
 
 # --------------------------------------------------------------------------- notebook 05

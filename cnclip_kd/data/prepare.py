@@ -194,7 +194,8 @@ def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None)
                 continue
             first = ids.get(image_id)
             if first is not None and first[0] != source:
-                skipped.append(Skipped(f"{origin} ({image})", f"duplicate image_id {image_id} (first used at {first[1]})"))
+                skipped.append(Skipped(f"{origin} ({image})",
+                                       f"duplicate image_id {image_id} (first used at {first[1]})"))
                 continue
             ids[image_id] = (source, origin)
         rec = by_image.get(source)
@@ -458,6 +459,141 @@ def _load_report(out_dir: Path) -> PrepareReport:
                          skipped=[Skipped(**s) for s in d["skipped"]], reused=True)
 
 
+def _up_to_date(out_dir: Path, fingerprint: str, force: bool) -> PrepareReport | None:
+    """The report of ``out_dir`` when it already holds this exact dataset (and ``force`` is off), else ``None``.
+
+    Raises:
+        DataError: ``out_dir`` exists, is not empty and was not written by :func:`prepare_dataset`.
+    """
+    if not out_dir.exists():
+        return None
+    stamp = out_dir / "prepare.json"
+    if not stamp.is_file():
+        if any(out_dir.iterdir()):
+            raise DataError(f"{out_dir}: exists, is not empty and was not written by prepare_dataset; "
+                            "choose another output folder or empty it")
+    elif not force and json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+        logger.info("%s is up to date; nothing to do", out_dir)
+        return _load_report(out_dir)
+    return None
+
+
+def _encode_all(records: Sequence[Record], skipped: list[Skipped], *, max_side: int | None, max_pixels: int,
+                num_workers: int | None) -> list[tuple[Record, bytes]]:
+    """Decode every image once on ``num_workers`` threads: bad ones go to ``skipped``, good ones are encoded.
+
+    Returns:
+        ``(record, JPEG bytes)`` of every usable image, in input order.
+    """
+    workers = num_workers or os.cpu_count() or 1
+
+    def work(rec: Record) -> bytes | Skipped:
+        try:
+            return _encode_record(rec, max_side, max_pixels)
+        except BadImageError as err:
+            return Skipped(rec.origin if rec.data is not None else rec.source, err.reason)
+        except OSError as err:
+            return Skipped(rec.source, f"cannot read: {err}")
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(work, records), total=len(records), desc="checking images", unit="img"))
+    good: list[tuple[Record, bytes]] = []
+    for rec, res in zip(records, results):
+        if isinstance(res, Skipped):
+            skipped.append(res)
+        else:
+            good.append((rec, res))
+    return good
+
+
+def _number_images(kept: Sequence[Record]) -> list[int]:
+    """Numeric image ids (MUGE uses integers): given ones are kept, others are numbered after the largest
+    given id in input order."""
+    next_id = max([r.image_id for r in kept if r.image_id is not None], default=0) + 1
+    image_ids = []
+    for rec in kept:
+        if rec.image_id is None:
+            image_ids.append(next_id)
+            next_id += 1
+        else:
+            image_ids.append(rec.image_id)
+    return image_ids
+
+
+def _write_splits(folder: Path, good: Sequence[tuple[Record, bytes]], splits: Sequence[str],
+                  image_ids: Sequence[int]) -> tuple[dict[str, dict[str, int]], int]:
+    """Write the MUGE files, the LMDBs of every split and ``labels.csv`` into ``folder``.
+
+    Returns:
+        ``(counts, n_texts)``: ``{split: {label: n_images}}`` and the number of image–text pairs.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    n_texts = 0
+    text_id = 0
+    label_rows = []
+    for split in SPLITS:
+        members = [i for i, s in enumerate(splits) if s == split]
+        counts[split] = dict(sorted(Counter(good[i][0].label for i in members).items()))
+        images, pairs, lines = [], [], []
+        for i in members:
+            rec, data = good[i]
+            b64 = base64.urlsafe_b64encode(data).decode("utf-8")
+            images.append((image_ids[i], b64))
+            for text in rec.texts:
+                text_id += 1
+                pairs.append((image_ids[i], text_id, text))
+                lines.append(json.dumps({"text_id": text_id, "text": text, "image_ids": [image_ids[i]]},
+                                        ensure_ascii=False))
+            label_rows.append({"image_id": image_ids[i], "split": split, "label": rec.label,
+                               "product_id": rec.product_id, "text": rec.texts[0], "source": rec.source})
+        n_texts += len(pairs)
+        with open(folder / f"{split}_imgs.tsv", "w", encoding="utf-8") as fh:
+            fh.writelines(f"{image_id}\t{b64}\n" for image_id, b64 in images)
+        with open(folder / f"{split}_texts.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(line + "\n" for line in lines)
+        split_dir = folder / "lmdb" / split
+        split_dir.mkdir(parents=True)
+        write_lmdb_split(split_dir, images, pairs)
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image_id", "split", "label", "product_id", "text", "source"])
+        w.writeheader()
+        w.writerows(label_rows)
+    return counts, n_texts
+
+
+def _write_and_report(out_dir: Path, good: Sequence[tuple[Record, bytes]], splits: Sequence[str],
+                      skipped: list[Skipped], *, stamp: dict) -> PrepareReport:
+    """Build the dataset in a fresh folder beside ``out_dir``, then swap it into place.
+
+    ``report.json`` and, last, the ``prepare.json`` stamp (``stamp``: fingerprint, source and parameters)
+    mark it complete. On any failure the half-built folder is removed and ``out_dir`` is left as it was.
+
+    Returns:
+        The report of what was written.
+    """
+    image_ids = _number_images([rec for rec, _ in good])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset should be as readable as any folder
+    try:
+        counts, n_texts = _write_splits(tmp, good, splits, image_ids)
+        report = PrepareReport(out_dir=str(out_dir), counts=counts, n_images=len(good), n_texts=n_texts,
+                               skipped=skipped)
+        d = report.to_dict()
+        d.pop("out_dir")
+        d.pop("reused")
+        (tmp / "report.json").write_text(json.dumps(d, ensure_ascii=False, indent=1), encoding="utf-8")
+        # The stamp is the last file written: its presence marks a complete dataset.
+        (tmp / "prepare.json").write_text(json.dumps(stamp, ensure_ascii=False, indent=1), encoding="utf-8")
+        swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
 def prepare_dataset(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -502,106 +638,21 @@ def prepare_dataset(
     params = {"version": FORMAT_VERSION, "valid_frac": valid_frac, "test_frac": test_frac, "seed": seed,
               "max_side": max_side, "max_pixels": max_pixels, "caption_template": caption_template}
     fingerprint = _fingerprint(records, params, skipped)
+    reused = _up_to_date(out_dir, fingerprint, force)
+    if reused is not None:
+        return reused
 
-    if out_dir.exists():
-        stamp = out_dir / "prepare.json"
-        if not stamp.is_file():
-            if any(out_dir.iterdir()):
-                raise DataError(f"{out_dir}: exists, is not empty and was not written by prepare_dataset; "
-                                "choose another output folder or empty it")
-        elif not force and json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
-            logger.info("%s is up to date; nothing to do", out_dir)
-            return _load_report(out_dir)
-
-    # Decode every image once: bad ones are skipped and reported, good ones encoded.
-    workers = num_workers or os.cpu_count() or 1
-
-    def work(rec: Record) -> bytes | Skipped:
-        try:
-            return _encode_record(rec, max_side, max_pixels)
-        except BadImageError as err:
-            return Skipped(rec.origin if rec.data is not None else rec.source, err.reason)
-        except OSError as err:
-            return Skipped(rec.source, f"cannot read: {err}")
-
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(work, records), total=len(records), desc="checking images", unit="img"))
-    good: list[tuple[Record, bytes]] = []
-    for rec, res in zip(records, results):
-        if isinstance(res, Skipped):
-            skipped.append(res)
-        else:
-            good.append((rec, res))
+    good = _encode_all(records, skipped, max_side=max_side, max_pixels=max_pixels, num_workers=num_workers)
     if not good:
         raise DataError(f"{source}: no usable image (skipped {len(skipped)}: "
                         + "; ".join(f"{s.source}: {s.reason}" for s in skipped[:5]) + ")")
-
-    kept = [rec for rec, _ in good]
-    splits = assign_splits(kept, valid_frac=valid_frac, test_frac=test_frac, seed=seed)
-    # Numeric image ids (MUGE uses integers): given ones are kept, others are
-    # numbered after the largest given id in input order.
-    next_id = max([r.image_id for r in kept if r.image_id is not None], default=0) + 1
-    image_ids = []
-    for rec in kept:
-        if rec.image_id is None:
-            image_ids.append(next_id)
-            next_id += 1
-        else:
-            image_ids.append(rec.image_id)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset should be as readable as any folder
-    try:
-        counts: dict[str, dict[str, int]] = {}
-        n_texts = 0
-        text_id = 0
-        label_rows = []
-        for split in SPLITS:
-            members = [i for i, s in enumerate(splits) if s == split]
-            counts[split] = dict(sorted(Counter(kept[i].label for i in members).items()))
-            images, pairs, lines = [], [], []
-            for i in members:
-                rec, data = good[i]
-                b64 = base64.urlsafe_b64encode(data).decode("utf-8")
-                images.append((image_ids[i], b64))
-                for text in rec.texts:
-                    text_id += 1
-                    pairs.append((image_ids[i], text_id, text))
-                    lines.append(json.dumps({"text_id": text_id, "text": text, "image_ids": [image_ids[i]]},
-                                            ensure_ascii=False))
-                label_rows.append({"image_id": image_ids[i], "split": split, "label": rec.label,
-                                   "product_id": rec.product_id, "text": rec.texts[0], "source": rec.source})
-            n_texts += len(pairs)
-            with open(tmp / f"{split}_imgs.tsv", "w", encoding="utf-8") as fh:
-                fh.writelines(f"{image_id}\t{b64}\n" for image_id, b64 in images)
-            with open(tmp / f"{split}_texts.jsonl", "w", encoding="utf-8") as fh:
-                fh.writelines(line + "\n" for line in lines)
-            split_dir = tmp / "lmdb" / split
-            split_dir.mkdir(parents=True)
-            write_lmdb_split(split_dir, images, pairs)
-        with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["image_id", "split", "label", "product_id", "text", "source"])
-            w.writeheader()
-            w.writerows(label_rows)
-        report = PrepareReport(out_dir=str(out_dir), counts=counts, n_images=len(good), n_texts=n_texts,
-                               skipped=skipped)
-        d = report.to_dict()
-        d.pop("out_dir")
-        d.pop("reused")
-        (tmp / "report.json").write_text(json.dumps(d, ensure_ascii=False, indent=1), encoding="utf-8")
-        # The stamp is the last file written: its presence marks a complete dataset.
-        (tmp / "prepare.json").write_text(json.dumps({"fingerprint": fingerprint, "source": str(source), **params},
-                                                     ensure_ascii=False, indent=1), encoding="utf-8")
-        swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    splits = assign_splits([rec for rec, _ in good], valid_frac=valid_frac, test_frac=test_frac, seed=seed)
+    report = _write_and_report(out_dir, good, splits, skipped,
+                               stamp={"fingerprint": fingerprint, "source": str(source), **params})
     for s in skipped:
         logger.warning("skipped %s: %s", s.source, s.reason)
-    logger.info("prepared %d images (%d pairs) into %s; skipped %d", len(good), n_texts, out_dir, len(skipped))
+    logger.info("prepared %d images (%d pairs) into %s; skipped %d", report.n_images, report.n_texts, out_dir,
+                len(skipped))
     return report
 
 

@@ -35,19 +35,19 @@ longer than the context length is cut, and the result says so.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ..core.images import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, load_image, load_strict
+from ..core.images import CLIP_MEAN, CLIP_STD
 from ..core.precision import native_bf16, set_torch_threads
 from ..core.tokenizer import CONTEXT_LENGTH, Tokens, tokenize
+from ..retrieval.session import QuerySource, load_query_image  # noqa: F401 - spelled in the session; public here
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..retrieval.encoders import TextEncoder
@@ -68,8 +68,6 @@ ONNX_META_PREFIX = "cnclip_kd."
 _MEAN = np.asarray(CLIP_MEAN, np.float32).reshape(3, 1, 1)
 _STD = np.asarray(CLIP_STD, np.float32).reshape(3, 1, 1)
 
-QuerySource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
-
 
 # --------------------------------------------------------------------------- preprocessing
 
@@ -86,53 +84,6 @@ def to_pixels(image: Image.Image, resolution: int) -> np.ndarray:
         image = image.resize((resolution, resolution), Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
     return (pixels - _MEAN) / _STD
-
-
-def load_query_image(source: QuerySource, *, draft_size: int | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a query into RGB, optionally letting libjpeg shrink a JPEG while decoding.
-
-    Args:
-        source: Encoded bytes, a file path, or a PIL image (converted to RGB).
-        draft_size: For an RGB/greyscale JPEG, decode at the smallest DCT scale
-            (1/2, 1/4, 1/8) that keeps both sides ≥ ``draft_size`` (PIL ``draft``).
-            ``None``: full decode. Every other input goes through
-            :func:`cnclip_kd.core.images.load_image`.
-        max_pixels: Refuse larger images (decompression bombs).
-
-    Returns:
-        An RGB image, EXIF orientation applied.
-
-    Raises:
-        BadImageError: Empty, missing, not an image, truncated or too large.
-    """
-    if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
-    if draft_size is None:
-        return load_image(source, max_pixels=max_pixels)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), "<bytes>"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            return load_image(source, max_pixels=max_pixels)  # raises its "file not found"
-        data, name = path.read_bytes(), str(source)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return load_image(data, name=name, max_pixels=max_pixels)  # raises the clear error
-    width, height = img.size
-    if img.format != "JPEG" or img.mode not in ("RGB", "L") or not 0 < width * height <= max_pixels:
-        img.close()
-        return load_image(data, name=name, max_pixels=max_pixels)
-    img.draft("RGB", (int(draft_size), int(draft_size)))
-    try:
-        load_strict(img)  # a truncated upload fails here even when a library turned PIL's flag on
-    except (OSError, SyntaxError, ValueError):
-        img.close()
-        return load_image(data, name=name, max_pixels=max_pixels)  # raises "truncated or corrupt"
-    img = ImageOps.exif_transpose(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _ort_session(path: Path, threads: int | None):
@@ -266,7 +217,8 @@ class OnnxTextEncoder:
         return tokenize(texts, self.context_length, pad_to_context=False)
 
     def encode_ids(self, ids: np.ndarray) -> np.ndarray:
-        """``[B, L]`` int64 token ids (``L`` ≤ :attr:`context_length`, zero padding) → ``[B, D]`` L2-normalised float32."""
+        """``[B, L]`` int64 token ids (``L`` ≤ :attr:`context_length`, zero padding) → ``[B, D]`` L2-normalised
+        float32."""
         out = self.session.run(None, {self._input: np.ascontiguousarray(ids, dtype=np.int64)})[0]
         if not self._normalized:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

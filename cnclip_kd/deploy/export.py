@@ -25,12 +25,9 @@ onnxscript) at opset ≥ 14 (cn_clip's own exporter uses 13, where
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,8 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.files import atomic_write_json
-from ..core.images import CLIP_MEAN, CLIP_STD, BadImageError, load_image
+from ..core.images import CLIP_MEAN, CLIP_STD
 from ..core.precision import set_torch_threads
 from .backends import (
     ONNX_INPUT,
@@ -53,12 +49,20 @@ from .backends import (
 from .quantize import (
     INT8_METHODS,
     calibration_record,
-    choose_int8,
-    int8_path,
     quantize_dynamic_file,
     quantize_static_file,
-    serving_choice,
-    write_metadata,
+)
+from .tower_export import (
+    ExportError,
+    TowerExport,
+    batched,
+    category_metrics,
+    check_records,
+    file_mb,
+    median_ms,
+    metric_fields,
+    preflight,
+    text_to_image_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,112 +90,6 @@ CHECK_QUERIES = (
 )
 
 
-class ExportError(RuntimeError):
-    """The exported model does not reproduce PyTorch's embeddings (or cannot be exported)."""
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def _check_records(images: str | os.PathLike | None, max_images: int | None, seed: int) -> tuple[list[Image.Image], list]:
-    """Readable photos of a folder or manifest (default: the sample data) and their records, seeded subset."""
-    from .. import SAMPLE_DATA
-    from ..data.prepare import read_source
-
-    records = read_source(images or SAMPLE_DATA)
-    if max_images and len(records) > max_images:
-        rows = np.sort(np.random.default_rng(seed).choice(len(records), int(max_images), replace=False))
-        records = [records[i] for i in rows]
-    pics, kept = [], []
-    for rec in records:
-        try:
-            pics.append(load_image(rec.data if rec.data is not None else rec.source))
-            kept.append(rec)
-        except BadImageError as err:
-            logger.warning("export check: skipped %s (%s)", rec.source, err.reason)
-    if not pics:
-        raise ExportError(f"{images or SAMPLE_DATA}: no readable image to check the export with")
-    return pics, kept
-
-
-def _batched(fn: Callable[[Any], np.ndarray], items, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate([fn(items[s:s + batch_size]) for s in range(0, len(items), batch_size)])
-
-
-def _category_metrics(feats: np.ndarray, labels: Sequence[str]) -> dict | None:
-    from ..core.metrics import image_to_image_metrics
-
-    labels = np.asarray(labels, dtype=object)
-    if not all(labels) or len(set(labels)) == len(labels):
-        return None  # no categories, or no two images share one: P@10 means nothing
-    return image_to_image_metrics(torch.from_numpy(feats), labels.astype(str), k=10)
-
-
-def _text_to_image_metrics(text_feats: np.ndarray, text_labels: Sequence[str], image_feats: np.ndarray | None,
-                           image_labels: Sequence[str], k: int = 10) -> dict | None:
-    """Category-level text→image P@k / mAP@k: a hit is an image of the caption's category."""
-    from ..core.metrics import label_hits, ranking_metrics
-
-    if image_feats is None or not len(text_labels) or not all(image_labels) or not all(text_labels):
-        return None
-    depth = min(k, len(image_labels))
-    top = np.argsort(-(text_feats @ image_feats.T), axis=1, kind="stable")[:, :depth]
-    hits, n_relevant = label_hits(text_labels, image_labels, top)
-    return ranking_metrics(hits, n_relevant, ks=[x for x in (1, 5, 10) if x <= depth])
-
-
-def _metric_fields(metrics: Mapping[str, Any] | None) -> dict:
-    if not metrics:
-        return {"p@10": None, "map@10": None}
-    return {"p@10": metrics.get("p@10"), "map@10": metrics.get("map@10")}
-
-
-def _median_ms(fn, x, runs: int) -> float:
-    fn(x)  # warm-up
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1000, 2)
-
-
-def _torchscript_export(module: torch.nn.Module, args: tuple, path: Path, name: str, opset: int, *,
-                        input_names: list[str], dynamic_axes: dict) -> float:
-    """``torch.onnx.export`` (TorchScript exporter) with its deprecation noise silenced; seconds taken."""
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", message=".*dynamo.*|.*TorchScript.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        try:
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=[ONNX_OUTPUT],
-                              dynamic_axes=dynamic_axes, opset_version=int(opset), do_constant_folding=True,
-                              dynamo=False)
-        except Exception as err:  # the exporter raises many types; all mean "this model does not export"
-            raise ExportError(f"{name}: torch.onnx.export failed at opset {opset} "
-                              f"({type(err).__name__}: {err})") from err
-    return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _staging(out: Path):
-    """Temp names beside ``out`` for the fp32 and int8 files (checked there, then renamed into place);
-    whatever is left of them — and onnxruntime's side files — is removed on the way out."""
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
-    tmp_q = out.with_name(f".{out.stem}.{os.getpid()}.tmp.int8.onnx")
-    try:
-        yield tmp, tmp_q
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_q.unlink(missing_ok=True)
-        for stray in out.parent.glob(f".{out.stem}.{os.getpid()}.tmp*"):
-            stray.unlink(missing_ok=True)
-
-
-def _log_export(what: str, out: Path, report: Mapping[str, Any]) -> None:
-    int8 = report.get("int8")
-    logger.info("exported %s %s: fp32 cosine ≥ %.5f%s", what, out, report["fp32"]["cosine_min"],
-                f"; int8 {'kept' if int8['kept'] else 'not kept'} ({int8['reason']})" if int8 else "")
 
 
 # --------------------------------------------------------------------------- image tower
@@ -208,7 +106,8 @@ class _NormalizedTower(torch.nn.Module):
         return torch.nn.functional.normalize(self.visual(pixel_values), dim=-1)
 
 
-def _resolve_source(source: Any, vision_model: str | None, text_model: str | None) -> tuple[torch.nn.Module, str, str | None]:
+def _resolve_source(source: Any, vision_model: str | None,
+                    text_model: str | None) -> tuple[torch.nn.Module, str, str | None]:
     """(image tower on the CPU in fp32, description, fingerprint or None) of what export_onnx was given."""
     from ..retrieval.encoders import ImageEncoder, load_encoder
 
@@ -228,24 +127,6 @@ def _resolve_source(source: Any, vision_model: str | None, text_model: str | Non
     if not hasattr(visual, "input_resolution") or not hasattr(visual, "output_dim"):
         raise ExportError(f"{name}: not a cn_clip image tower (no input_resolution/output_dim)")
     return copy.deepcopy(visual).to("cpu", torch.float32).eval(), name, fingerprint
-
-
-def _measure_int8_image(method: str, src: Path, dst: Path, meta: dict, pixels: np.ndarray, ref: np.ndarray,
-                        labels: Sequence[str], calibration: np.ndarray, threads: int | None,
-                        timing_runs: int) -> dict:
-    """int8 (``method``) of the image model ``src`` into ``dst``, measured against PyTorch: its block."""
-    if method == "dynamic":
-        quantize_s = quantize_dynamic_file(src, dst, meta, preprocess=True)
-    elif method == "static":
-        quantize_s = quantize_static_file(src, dst, meta, calibration)
-    else:
-        raise ValueError(f"unknown int8 method {method!r}; choose from {INT8_METHODS}")
-    enc = OnnxEncoder(dst, threads=threads)
-    got = _batched(enc.encode, pixels)
-    cos = (got * ref).sum(1)
-    return {"mb": round(dst.stat().st_size / 2 ** 20, 2), "cosine_min": float(cos.min()),
-            "cosine_mean": float(cos.mean()), "encode_ms": _median_ms(enc.encode, pixels[:1], timing_runs),
-            **_metric_fields(_category_metrics(got, labels)), "quantize_s": quantize_s}
 
 
 def quantize_image_onnx(src: str | os.PathLike, dst: str | os.PathLike, method: str = "static", *,
@@ -287,7 +168,7 @@ def quantize_image_onnx(src: str | os.PathLike, dst: str | os.PathLike, method: 
     calibration = None
     try:
         if method == "static":
-            pics, used = _check_records(calibration_images, calibration_size, seed + 1)
+            pics, used = check_records(calibration_images, calibration_size, seed + 1)
             pixels = np.stack([to_pixels(p, resolution) for p in pics])
             calibration = calibration_record(str(calibration_images or "sample_data"), used, seed)
             quantize_s = quantize_static_file(src, tmp, meta, pixels)
@@ -296,7 +177,7 @@ def quantize_image_onnx(src: str | os.PathLike, dst: str | os.PathLike, method: 
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": str(dst.resolve()), "method": method, "mb": round(dst.stat().st_size / 2 ** 20, 2),
+    return {"path": str(dst.resolve()), "method": method, "mb": file_mb(dst),
             "quantize_s": quantize_s, "calibration": calibration}
 
 
@@ -309,9 +190,78 @@ def _calibration_pixels(calibration_images, calibration_size: int, pixels: np.nd
             rows = np.sort(np.random.default_rng(seed + 1).choice(len(rows), calibration_size, replace=False))
         calib, used, source = pixels[rows], [records[i] for i in rows], str(check_source or "sample_data")
     else:
-        pics, used = _check_records(calibration_images, calibration_size, seed + 1)
+        pics, used = check_records(calibration_images, calibration_size, seed + 1)
         calib, source = np.stack([to_pixels(p, resolution) for p in pics]), str(calibration_images)
     return calib, calibration_record(source, used, seed)
+
+
+class _ImageExport(TowerExport):
+    """The image tower on the shared path: checked on photos, int8 by each requested method."""
+
+    what, noun, unit, encoder_cls, record_methods = "image encoder", "model", "image", OnnxEncoder, True
+
+    def __init__(self, source: Any, *, images, max_images: int | None, seed: int, vision_model: str | None,
+                 text_model: str | None, calibration_images, calibration_size: int, threads: int | None,
+                 timing_runs: int):
+        super().__init__(threads, timing_runs)
+        self.source, self.images, self.max_images, self.seed = source, images, max_images, seed
+        self.vision_model, self.text_model = vision_model, text_model
+        self.calibration_images, self.calibration_size = calibration_images, calibration_size
+
+    def prepare(self) -> None:
+        visual, self.name, self.fingerprint = _resolve_source(self.source, self.vision_model, self.text_model)
+        set_torch_threads(self.threads)
+        self.resolution, self.dim = int(visual.input_resolution), int(visual.output_dim)
+        self.module = _NormalizedTower(visual).eval()
+        pics, self.records = check_records(self.images, self.max_images, self.seed)
+        self.labels = [rec.label for rec in self.records]
+        self.inputs = np.stack([to_pixels(p, self.resolution) for p in pics])
+        self.ref = batched(self.torch_encode, self.inputs)
+        self.example = torch.from_numpy(self.inputs[:2].copy())
+        self.input_name, self.dynamic_axes = ONNX_INPUT, {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}
+        self.meta = {"kind": "image", "resolution": self.resolution, "dim": self.dim, "l2_normalized": 1,
+                     "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "fingerprint": self.fingerprint or "",
+                     "source": self.name, "precision": "fp32"}
+
+    def torch_encode(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.module(torch.from_numpy(x)).numpy()
+
+    def measure(self, enc: Any, got: np.ndarray, cos: np.ndarray) -> dict:
+        return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+                "encode_ms": median_ms(enc.encode, self.inputs[:1], self.timing_runs),
+                **metric_fields(category_metrics(got, self.labels))}
+
+    def report_fields(self, opset: int, export_s: float) -> dict:
+        torch_metrics = category_metrics(self.ref, self.labels)
+        return {"opset": int(opset), "resolution": self.resolution, "dim": self.dim, "l2_normalized": True,
+                "dynamic_batch": True, "source": self.name, "fingerprint": self.fingerprint,
+                "n_images": len(self.inputs), "images": str(self.images or "sample_data"),
+                "threads": self.threads or torch.get_num_threads(), "export_s": round(export_s, 2),
+                "torch": {"encode_ms": median_ms(self.torch_encode, self.inputs[:1], self.timing_runs),
+                          **metric_fields(torch_metrics)}}
+
+    def int8_blocks(self, src: Path, files: Mapping[str, Path], report: dict) -> dict[str, dict]:
+        calibration = None
+        if "static" in files:
+            calibration, report["calibration"] = _calibration_pixels(
+                self.calibration_images, self.calibration_size, self.inputs, self.records, self.resolution,
+                self.seed, self.images)
+        return {m: self.int8_block(m, src, dst, calibration) for m, dst in files.items()}
+
+    def int8_block(self, method: str, src: Path, dst: Path, calibration: np.ndarray | None) -> dict:
+        """int8 (``method``) of ``src`` into ``dst``, measured against PyTorch: its block."""
+        if method == "dynamic":
+            quantize_s = quantize_dynamic_file(src, dst, self.meta, preprocess=True)
+        elif method == "static":
+            quantize_s = quantize_static_file(src, dst, self.meta, calibration)
+        else:
+            raise ValueError(f"unknown int8 method {method!r}; choose from {INT8_METHODS}")
+        enc = OnnxEncoder(dst, threads=self.threads)
+        # Batches of 32, not the fp32 check's mixed sizes: dynamic int8's activation ranges depend on the batch.
+        got = batched(enc.encode, self.inputs)
+        cos = (got * self.ref).sum(1)
+        return {"mb": file_mb(dst), **self.measure(enc, got, cos), "quantize_s": quantize_s}
 
 
 def export_onnx(
@@ -336,34 +286,28 @@ def export_onnx(
 ) -> dict:
     """Export a student's image encoder to ONNX, check it on real photos, optionally quantise to int8.
 
-    The graph takes ``pixel_values`` ``[batch, 3, R, R]`` (float32,
-    :func:`cnclip_kd.deploy.backends.to_pixels`) and returns ``embeddings`` ``[batch, D]``,
-    **already L2-normalised** (the normalisation is inside the graph); the batch
-    axis is dynamic. Exported with the TorchScript exporter (``dynamo=False``)
-    at ``opset`` ≥ 14.
+    The graph takes ``pixel_values`` ``[batch, 3, R, R]`` (float32, :func:`cnclip_kd.deploy.backends.to_pixels`)
+    and returns ``embeddings`` ``[batch, D]``, **already L2-normalised** (the normalisation is inside the
+    graph); the batch axis is dynamic. Exported with the TorchScript exporter (``dynamo=False``) at
+    ``opset`` ≥ 14.
 
-    Checks, on ``images`` (default: the embedded sample data, 600 photos):
-    cosine between ONNX and PyTorch embeddings (fp32 must reach ``min_cosine``
-    on every image, or :class:`ExportError` and nothing is written), category
-    P@10 (leave-one-out image→image) of PyTorch, fp32 and each int8 model, and
-    the batch-1 encode time of each.
+    Checks, on ``images`` (default: the embedded sample data, 600 photos): cosine between ONNX and PyTorch
+    embeddings (fp32 must reach ``min_cosine`` on every image, or :class:`ExportError` and nothing is
+    written), category P@10 (leave-one-out image→image) of PyTorch, fp32 and each int8 model, and the
+    batch-1 encode time of each.
 
-    int8 comes two ways (``int8_methods``), both with signed 8-bit per-channel
-    weights at a 7-bit range (``reduce_range``: CPUs without VNNI multiply
-    u8×s8 with 16-bit saturation, which costs accuracy at full range):
-    ONNX Runtime's **dynamic** quantisation (activation ranges found at run
-    time; good for transformers, but it turns convolutions into ConvInteger,
-    several times *slower* than fp32) and **static** QDQ quantisation, its
-    activation ranges calibrated (min/max) on ``calibration_size`` photos
-    (default: a seeded subset of the check photos; the set is recorded in the
-    report). Of the methods within tolerance (see ``quantize``) the **fastest
-    is kept** (:func:`choose_int8`), and the report's ``serve`` names the
-    fastest of fp32 and that int8 model (:func:`serving_choice`): what
-    notebook 06 and ``cnclip-kd plan`` serve.
+    int8 comes two ways (``int8_methods``), both with signed 8-bit per-channel weights at a 7-bit range
+    (``reduce_range``: CPUs without VNNI multiply u8×s8 with 16-bit saturation, which costs accuracy at
+    full range): ONNX Runtime's **dynamic** quantisation (activation ranges found at run time; good for
+    transformers, but it turns convolutions into ConvInteger, several times *slower* than fp32) and
+    **static** QDQ quantisation, its activation ranges calibrated (min/max) on ``calibration_size`` photos
+    (default: a seeded subset of the check photos; the set is recorded in the report). Of the methods
+    within tolerance (see ``quantize``) the **fastest is kept** (:func:`choose_int8`), and the report's
+    ``serve`` names the fastest of fp32 and that int8 model (:func:`serving_choice`): what notebook 06 and
+    ``cnclip-kd plan`` serve.
 
-    Files (each written to a temp name and renamed into place): ``out_path``,
-    ``<stem>.int8.onnx`` (the kept int8 model, when one is kept) and
-    ``<stem>.report.json`` (the returned report).
+    Files (each written to a temp name and renamed into place): ``out_path``, ``<stem>.int8.onnx`` (the
+    kept int8 model, when one is kept) and ``<stem>.report.json`` (the returned report).
 
     Args:
         source: A student checkpoint path or spec (:func:`cnclip_kd.retrieval.encoders.load_encoder`),
@@ -403,89 +347,15 @@ def export_onnx(
         ExportError: Export failed, or fp32 disagrees with PyTorch.
         ValueError: ``opset`` < 14, or an unknown int8 method.
     """
-    import onnxruntime  # noqa: F401  (fail early when it is missing)
-
-    if opset < 14:
-        raise ValueError(f"opset {opset} < 14: scaled_dot_product_attention needs opset ≥ 14")
+    preflight(opset)
     methods = list(dict.fromkeys(int8_methods))
     if quantize is not False and (not methods or set(methods) - set(INT8_METHODS)):
         raise ValueError(f"int8_methods {list(int8_methods)}: choose one or more of {INT8_METHODS}")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    q_out, report_path = int8_path(out), out.with_name(f"{out.stem}.report.json")
-    visual, name, fingerprint = _resolve_source(source, vision_model, text_model)
-    set_torch_threads(threads)
-    resolution, dim = int(visual.input_resolution), int(visual.output_dim)
-    wrapper = _NormalizedTower(visual).eval()
-
-    pics, records = _check_records(images, max_images, seed)
-    labels = [rec.label for rec in records]
-    pixels = np.stack([to_pixels(p, resolution) for p in pics])
-
-    def torch_encode(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return wrapper(torch.from_numpy(x)).numpy()
-
-    ref = _batched(torch_encode, pixels)
-    with _staging(out) as (tmp, tmp_q):
-        export_s = _torchscript_export(wrapper, (torch.from_numpy(pixels[:2].copy()),), tmp, name, opset,
-                                       input_names=[ONNX_INPUT],
-                                       dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
-        meta = {"kind": "image", "resolution": resolution, "dim": dim, "l2_normalized": 1, "mean": list(CLIP_MEAN),
-                "std": list(CLIP_STD), "fingerprint": fingerprint or "", "source": name, "precision": "fp32"}
-        write_metadata(tmp, meta)
-        fp32 = OnnxEncoder(tmp, threads=threads)
-        # Mixed batch sizes: the dynamic axis is exercised, not just batch 32.
-        got = np.concatenate([fp32.encode(pixels[:1]), _batched(fp32.encode, pixels[1:], 7)]) if len(pixels) > 1 \
-            else fp32.encode(pixels)
-        cos = (got * ref).sum(1)
-        if float(cos.min()) < min_cosine:
-            worst = int(np.argmin(cos))
-            raise ExportError(f"{name}: the ONNX model disagrees with PyTorch: cosine {cos.min():.6f} < {min_cosine} "
-                              f"on image {worst} (mean {cos.mean():.6f}); not written")
-
-        torch_metrics, fp32_metrics = _category_metrics(ref, labels), _category_metrics(got, labels)
-        one = pixels[:1]
-        report: dict[str, Any] = {
-            "onnx": str(out.resolve()), "report": str(report_path.resolve()), "opset": int(opset),
-            "resolution": resolution, "dim": dim, "l2_normalized": True, "dynamic_batch": True,
-            "source": name, "fingerprint": fingerprint, "n_images": len(pics),
-            "images": str(images or "sample_data"), "threads": threads or torch.get_num_threads(),
-            "export_s": round(export_s, 2),
-            "torch": {"encode_ms": _median_ms(torch_encode, one, timing_runs), **_metric_fields(torch_metrics)},
-            "fp32": {"path": str(out.resolve()), "mb": round(tmp.stat().st_size / 2 ** 20, 2),
-                     "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                     "encode_ms": _median_ms(fp32.encode, one, timing_runs), **_metric_fields(fp32_metrics)},
-        }
-        del fp32
-        if quantize is not False:
-            calibration = None
-            if "static" in methods:
-                calibration, report["calibration"] = _calibration_pixels(
-                    calibration_images, calibration_size, pixels, records, resolution, seed, images)
-            files = {m: tmp_q.with_name(f"{tmp_q.stem}-{m}.onnx") for m in methods}
-            candidates = {m: _measure_int8_image(m, tmp, files[m], meta, pixels, ref, labels, calibration, threads,
-                                                 timing_runs) for m in methods}
-            chosen = choose_int8(candidates, report["fp32"], quantize=quantize, min_cosine=int8_min_cosine,
-                                 max_p10_drop=int8_max_p10_drop)
-            os.replace(files[chosen["method"]], tmp_q)
-            chosen["path"] = str(q_out.resolve()) if chosen["kept"] else None
-            report["int8"], report["int8_methods"] = chosen, candidates
-        report["serve"] = serving_choice(report)
-        _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
-    _log_export("image encoder", out, report)
-    return report
-
-
-def _put_in_place(out: Path, tmp: Path, q_out: Path, tmp_q: Path, report_path: Path, report: dict,
-                  quantize: bool | None) -> None:
-    """Rename the checked files into place; an int8 file of an older export is removed when none is kept."""
-    os.replace(tmp, out)
-    if quantize is not False and report["int8"]["kept"]:
-        os.replace(tmp_q, q_out)
-    elif q_out.exists():
-        q_out.unlink()  # an older int8 file would no longer match the fp32 one
-    atomic_write_json(report_path, report)
+    job = _ImageExport(source, images=images, max_images=max_images, seed=seed, vision_model=vision_model,
+                       text_model=text_model, calibration_images=calibration_images,
+                       calibration_size=calibration_size, threads=threads, timing_runs=timing_runs)
+    return job.run(out_path, opset=opset, quantize=quantize, methods=methods, min_cosine=min_cosine,
+                   int8_min_cosine=int8_min_cosine, int8_max_p10_drop=int8_max_p10_drop)
 
 
 # --------------------------------------------------------------------------- text tower
@@ -580,6 +450,92 @@ def _check_texts(records: Sequence, texts: Sequence[str] | None) -> tuple[list[s
     return captions + extra, labels + [""] * len(extra), len(captions)
 
 
+
+class _TextExport(TowerExport):
+    """The text tower on the shared path: checked on captions and :data:`CHECK_QUERIES`, dynamic int8."""
+
+    what, noun, unit, encoder_cls = "text encoder", "text model", "text", OnnxTextEncoder
+
+    def __init__(self, source: Any, *, texts: Sequence[str] | None, images, max_images: int | None,
+                 context_length: int | None, seed: int, vision_model: str | None, text_model: str | None,
+                 threads: int | None, timing_runs: int):
+        super().__init__(threads, timing_runs)
+        self.source, self.texts, self.images, self.max_images = source, texts, images, max_images
+        self.context_length, self.seed = context_length, seed
+        self.vision_model, self.text_model = vision_model, text_model
+
+    def prepare(self) -> None:
+        from ..core.tokenizer import tokenize
+
+        text_enc, clip, self.name, self.image_fingerprint, image_fn = _resolve_text_source(
+            self.source, self.context_length, self.vision_model, self.text_model)
+        set_torch_threads(self.threads)
+        self.length, self.dim, self.fingerprint = text_enc.context_length, int(text_enc.dim), text_enc.fingerprint()
+        pad_id = 0
+        self.module = _TextTower(copy.deepcopy(clip.bert).to("cpu", torch.float32).eval(),
+                                 clip.text_projection.to("cpu", torch.float32), pad_id).eval()
+        pics, records = check_records(self.images, self.max_images, self.seed) if self.texts is None else ([], [])
+        self.inputs, check_labels, self.n_captions = _check_texts(records, self.texts)
+        self.image_labels = [rec.label for rec in records]
+        self.image_feats = batched(image_fn, pics) if image_fn is not None and pics else None
+        self.n_images = len(pics) if self.image_feats is not None else 0
+        self.cap_labels = check_labels[:self.n_captions]
+        if text_enc.device.type == "cpu" and text_enc.autocast_dtype is None:
+            self.ref = text_enc.encode(self.inputs, batch_size=32)  # the kit's own PyTorch path
+        else:
+            self.ref = batched(lambda ts: self.torch_ids(tokenize(ts, self.length, pad_to_context=False).ids),
+                                self.inputs)
+        self.short = CHECK_QUERIES[0]
+        self.one_short = tokenize(self.short, self.length, pad_to_context=False).ids
+        self.one_full = tokenize(CHECK_QUERIES[-1], self.length, pad_to_context=False).ids
+        self.example = torch.from_numpy(tokenize([self.short, "T-shirt 42码"], self.length, pad_to_context=False).ids)
+        self.input_name = ONNX_TEXT_INPUT
+        self.dynamic_axes = {ONNX_TEXT_INPUT: {0: "batch", 1: "sequence"}, ONNX_OUTPUT: {0: "batch"}}
+        self.meta = {"kind": "text", "context_length": self.length, "dim": self.dim, "l2_normalized": 1,
+                     "pad_id": pad_id, "fingerprint": self.fingerprint or "",
+                     "image_fingerprint": self.image_fingerprint or "", "source": self.name, "precision": "fp32"}
+
+    def torch_ids(self, ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.module(torch.from_numpy(ids)).numpy()
+
+    def detail(self, i: int) -> str:
+        return f"{self.inputs[i][:40]!r}; "
+
+    def metrics(self, feats: np.ndarray) -> dict:
+        """P@10 / mAP@10 of the captions among ``feats`` querying the photos."""
+        return metric_fields(text_to_image_metrics(feats[:self.n_captions], self.cap_labels, self.image_feats,
+                                                     self.image_labels))
+
+    def measure(self, enc: Any, got: np.ndarray, cos: np.ndarray) -> dict:
+        return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **self.metrics(got),
+                "encode_ms": median_ms(enc.encode_ids, self.one_short, self.timing_runs),
+                "encode_ms_full": median_ms(enc.encode_ids, self.one_full, self.timing_runs)}
+
+    def report_fields(self, opset: int, export_s: float) -> dict:
+        return {
+            "kind": "text", "opset": int(opset), "context_length": self.length, "dim": self.dim,
+            "l2_normalized": True, "dynamic_axes": {"input_ids": ["batch", "sequence"], "embeddings": ["batch"]},
+            "source": self.name, "fingerprint": self.fingerprint, "image_fingerprint": self.image_fingerprint,
+            "n_texts": len(self.inputs), "n_captions": self.n_captions, "n_images": self.n_images,
+            "images": str(self.images or "sample_data"), "threads": self.threads or torch.get_num_threads(),
+            "export_s": round(export_s, 2),
+            "timing_texts": {"short": self.short, "short_tokens": int(self.one_short.shape[1]),
+                             "full_tokens": int(self.one_full.shape[1])},
+            "torch": {"encode_ms": median_ms(self.torch_ids, self.one_short, self.timing_runs),
+                      "encode_ms_full": median_ms(self.torch_ids, self.one_full, self.timing_runs),
+                      **self.metrics(self.ref)},
+        }
+
+    def int8_blocks(self, src: Path, files: Mapping[str, Path], report: dict) -> dict[str, dict]:
+        blocks = {}
+        for method, dst in files.items():  # dynamic only: static calibration feeds photos
+            quantize_s = quantize_dynamic_file(src, dst, self.meta)
+            enc = OnnxTextEncoder(dst, threads=self.threads)
+            blocks[method] = {"mb": file_mb(dst), **self.measure(enc, *self.compare(enc)), "quantize_s": quantize_s}
+        return blocks
+
+
 def export_text_onnx(
     source: Any,
     out_path: str | os.PathLike,
@@ -601,44 +557,39 @@ def export_text_onnx(
 ) -> dict:
     """Export a model's text encoder to ONNX, check it against PyTorch, optionally quantise to int8.
 
-    The graph takes ``input_ids`` ``[batch, seq]`` (int64, cn_clip's tokenizer:
-    ``[CLS]`` … ``[SEP]``, zero padding; :func:`cnclip_kd.core.tokenizer.tokenize`) with
-    **both axes dynamic**: a query is fed at its own length (padding is masked,
-    so trimming it gives the same embedding for less work), at most the context
-    length. The attention mask is computed inside the graph (``input_ids != 0``)
-    and the output ``embeddings`` ``[batch, D]`` are **L2-normalised inside the
-    graph**. Exported with the TorchScript exporter (``dynamo=False``) at
-    ``opset`` ≥ 14. Metadata (``cnclip_kd.*``): ``kind`` (``text``),
+    The graph takes ``input_ids`` ``[batch, seq]`` (int64, cn_clip's tokenizer: ``[CLS]`` … ``[SEP]``, zero
+    padding; :func:`cnclip_kd.core.tokenizer.tokenize`) with **both axes dynamic**: a query is fed at its own
+    length (padding is masked, so trimming it gives the same embedding for less work), at most the context
+    length. The attention mask is computed inside the graph (``input_ids != 0``) and the output
+    ``embeddings`` ``[batch, D]`` are **L2-normalised inside the graph**. Exported with the TorchScript
+    exporter (``dynamo=False``) at ``opset`` ≥ 14. Metadata (``cnclip_kd.*``): ``kind`` (``text``),
     ``context_length``, ``dim``, ``fingerprint`` (the text tower's,
     :meth:`cnclip_kd.retrieval.encoders.TextEncoder.fingerprint`, what an index records as
-    ``text_fingerprint``), ``image_fingerprint`` (the same model's image tower,
-    when known), ``precision``, ``l2_normalized``, ``source``.
+    ``text_fingerprint``), ``image_fingerprint`` (the same model's image tower, when known), ``precision``,
+    ``l2_normalized``, ``source``.
 
-    Checks, before anything is written: the cosine between ONNX and PyTorch
-    embeddings of every check text (fp32 must reach ``min_cosine`` on each, or
-    :class:`ExportError` and nothing is written), run in mixed batch sizes and
-    padded lengths. Check texts: the captions of ``images`` (default: the
-    sample data's manifest; one per distinct caption) plus :data:`CHECK_QUERIES`
-    (Latin, digits, emoji, mixed scripts, a text longer than the context
-    length). Measured per precision (PyTorch, fp32, int8): category-level
-    text→image P@10 / mAP@10 (each caption queries the photos, a hit is a photo
-    of its category; the photo embeddings come from the same model's image
-    tower in PyTorch) and the batch-1 encode time of a short query and of one
-    that fills the context.
+    Checks, before anything is written: the cosine between ONNX and PyTorch embeddings of every check text
+    (fp32 must reach ``min_cosine`` on each, or :class:`ExportError` and nothing is written), run in mixed
+    batch sizes and padded lengths. Check texts: the captions of ``images`` (default: the sample data's
+    manifest; one per distinct caption) plus :data:`CHECK_QUERIES` (Latin, digits, emoji, mixed scripts, a
+    text longer than the context length). Measured per precision (PyTorch, fp32, int8): category-level
+    text→image P@10 / mAP@10 (each caption queries the photos, a hit is a photo of its category; the photo
+    embeddings come from the same model's image tower in PyTorch) and the batch-1 encode time of a short
+    query and of one that fills the context.
 
-    int8 is ONNX Runtime's dynamic quantisation (signed 8-bit per-channel
-    weights, 7-bit range as the image export). With ``quantize=None`` it is
-    **kept only when its mean cosine to PyTorch is ≥ ``int8_min_cosine``
-    (0.99) and its text→image P@10 is at most ``int8_max_p10_drop`` (0.02)
-    below fp32's**; otherwise it is measured, reported and not written.
+    int8 is ONNX Runtime's dynamic quantisation (signed 8-bit per-channel weights, 7-bit range as the image
+    export). With ``quantize=None`` it is **kept only when its mean cosine to PyTorch is ≥
+    ``int8_min_cosine`` (0.99) and its text→image P@10 is at most ``int8_max_p10_drop`` (0.02) below
+    fp32's**; otherwise it is measured, reported and not written.
 
-    Files (each written to a temp name and renamed into place): ``out_path``,
-    ``<stem>.int8.onnx`` (when kept) and ``<stem>.report.json`` (the returned report).
+    Files (each written to a temp name and renamed into place): ``out_path``, ``<stem>.int8.onnx`` (when
+    kept) and ``<stem>.report.json`` (the returned report).
 
     Args:
         source: A checkpoint path or model spec (:func:`cnclip_kd.retrieval.encoders.load_encoder`), a
-            :class:`~cnclip_kd.retrieval.encoders.TextEncoder` from :func:`~cnclip_kd.retrieval.encoders.load_text_encoder`,
-            an :class:`~cnclip_kd.retrieval.encoders.ImageEncoder` of a model with a text tower, or a cn_clip
+            :class:`~cnclip_kd.retrieval.encoders.TextEncoder` from
+            :func:`~cnclip_kd.retrieval.encoders.load_text_encoder`, an
+            :class:`~cnclip_kd.retrieval.encoders.ImageEncoder` of a model with a text tower, or a cn_clip
             ``CLIP`` module.
         out_path: The fp32 ``.onnx`` file, e.g. ``out/deploy/text_encoder.onnx``.
         quantize: ``True``: also write int8; ``False``: fp32 only; ``None`` (default): see above.
@@ -671,92 +622,9 @@ def export_text_onnx(
         cnclip_kd.retrieval.encoders.NoTextTowerError: The model has no text tower (e.g. an EfficientNet teacher).
         ValueError: ``opset`` < 14.
     """
-    import onnxruntime  # noqa: F401  (fail early when it is missing)
-
-    from ..core.tokenizer import tokenize
-
-    if opset < 14:
-        raise ValueError(f"opset {opset} < 14: scaled_dot_product_attention needs opset ≥ 14")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    q_out, report_path = int8_path(out), out.with_name(f"{out.stem}.report.json")
-    text_enc, clip, name, image_fingerprint, image_fn = _resolve_text_source(source, context_length, vision_model,
-                                                                             text_model)
-    set_torch_threads(threads)
-    length, dim, fingerprint = text_enc.context_length, int(text_enc.dim), text_enc.fingerprint()
-    pad_id = 0
-    wrapper = _TextTower(copy.deepcopy(clip.bert).to("cpu", torch.float32).eval(),
-                         clip.text_projection.to("cpu", torch.float32), pad_id).eval()
-
-    pics, records = _check_records(images, max_images, seed) if texts is None else ([], [])
-    check, check_labels, n_captions = _check_texts(records, texts)
-    image_labels = [rec.label for rec in records]
-    image_feats = _batched(image_fn, pics) if image_fn is not None and pics else None
-    cap_labels = check_labels[:n_captions]
-
-    def torch_ids(ids: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return wrapper(torch.from_numpy(ids)).numpy()
-
-    if text_enc.device.type == "cpu" and text_enc.autocast_dtype is None:
-        ref = text_enc.encode(check, batch_size=32)  # the kit's own PyTorch path
-    else:
-        ref = _batched(lambda ts: torch_ids(tokenize(ts, length, pad_to_context=False).ids), check)
-    short, full = CHECK_QUERIES[0], CHECK_QUERIES[-1]
-    one_short = tokenize(short, length, pad_to_context=False).ids
-    one_full = tokenize(full, length, pad_to_context=False).ids
-    with _staging(out) as (tmp, tmp_q):
-        example = tokenize([short, "T-shirt 42码"], length, pad_to_context=False).ids
-        export_s = _torchscript_export(wrapper, (torch.from_numpy(example),), tmp, name, opset,
-                                       input_names=[ONNX_TEXT_INPUT],
-                                       dynamic_axes={ONNX_TEXT_INPUT: {0: "batch", 1: "sequence"},
-                                                     ONNX_OUTPUT: {0: "batch"}})
-        meta = {"kind": "text", "context_length": length, "dim": dim, "l2_normalized": 1, "pad_id": pad_id,
-                "fingerprint": fingerprint or "", "image_fingerprint": image_fingerprint or "", "source": name,
-                "precision": "fp32"}
-        write_metadata(tmp, meta)
-        fp32 = OnnxTextEncoder(tmp, threads=threads)
-
-        def measure(enc: OnnxTextEncoder) -> tuple[np.ndarray, np.ndarray, dict]:
-            # Batch 1 first, then batches of 7: the dynamic axes (batch and padded length) are exercised.
-            got = np.concatenate([enc.encode(check[:1]), _batched(enc.encode, check[1:], 7)]) if len(check) > 1 \
-                else enc.encode(check)
-            cos = (got * ref).sum(1)
-            fields = _metric_fields(_text_to_image_metrics(got[:n_captions], cap_labels, image_feats, image_labels))
-            return got, cos, {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **fields,
-                              "encode_ms": _median_ms(enc.encode_ids, one_short, timing_runs),
-                              "encode_ms_full": _median_ms(enc.encode_ids, one_full, timing_runs)}
-
-        _, cos, fp32_block = measure(fp32)
-        if float(cos.min()) < min_cosine:
-            worst = int(np.argmin(cos))
-            raise ExportError(f"{name}: the ONNX text model disagrees with PyTorch: cosine {cos.min():.6f} < "
-                              f"{min_cosine} on text {worst} ({check[worst][:40]!r}; mean {cos.mean():.6f}); "
-                              "not written")
-        torch_metrics = _text_to_image_metrics(ref[:n_captions], cap_labels, image_feats, image_labels)
-        report: dict[str, Any] = {
-            "onnx": str(out.resolve()), "report": str(report_path.resolve()), "kind": "text", "opset": int(opset),
-            "context_length": length, "dim": dim, "l2_normalized": True,
-            "dynamic_axes": {"input_ids": ["batch", "sequence"], "embeddings": ["batch"]},
-            "source": name, "fingerprint": fingerprint, "image_fingerprint": image_fingerprint,
-            "n_texts": len(check), "n_captions": n_captions,
-            "n_images": len(pics) if image_feats is not None else 0, "images": str(images or "sample_data"),
-            "threads": threads or torch.get_num_threads(), "export_s": round(export_s, 2),
-            "timing_texts": {"short": short, "short_tokens": int(one_short.shape[1]),
-                             "full_tokens": int(one_full.shape[1])},
-            "torch": {"encode_ms": _median_ms(torch_ids, one_short, timing_runs),
-                      "encode_ms_full": _median_ms(torch_ids, one_full, timing_runs), **_metric_fields(torch_metrics)},
-            "fp32": {"path": str(out.resolve()), "mb": round(tmp.stat().st_size / 2 ** 20, 2), **fp32_block},
-        }
-        del fp32
-        if quantize is not False:
-            quantize_s = quantize_dynamic_file(tmp, tmp_q, meta)
-            _, _, block = measure(OnnxTextEncoder(tmp_q, threads=threads))
-            block = {"mb": round(tmp_q.stat().st_size / 2 ** 20, 2), **block, "quantize_s": quantize_s}
-            report["int8"] = choose_int8({"dynamic": block}, report["fp32"], quantize=quantize,
-                                         min_cosine=int8_min_cosine, max_p10_drop=int8_max_p10_drop)
-            report["int8"]["path"] = str(q_out.resolve()) if report["int8"]["kept"] else None
-        report["serve"] = serving_choice(report)
-        _put_in_place(out, tmp, q_out, tmp_q, report_path, report, quantize)
-    _log_export("text encoder", out, report)
-    return report
+    preflight(opset)
+    job = _TextExport(source, texts=texts, images=images, max_images=max_images, context_length=context_length,
+                      seed=seed, vision_model=vision_model, text_model=text_model, threads=threads,
+                      timing_runs=timing_runs)
+    return job.run(out_path, opset=opset, quantize=quantize, methods=("dynamic",), min_cosine=min_cosine,
+                   int8_min_cosine=int8_min_cosine, int8_max_p10_drop=int8_max_p10_drop)

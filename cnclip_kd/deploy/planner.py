@@ -377,11 +377,40 @@ def plan(
     from tqdm.auto import tqdm
 
     from ..core.files import atomic_write_json
-    from ..retrieval.index import GalleryIndex
-    from .backends import make_encoder
     from .latency import summarize_timings
-    from .runtime import Retriever
 
+    cands = _plan_candidates(budget_ms, candidates, backends, gallery, queries, repeats)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    result = PlanResult(float(budget_ms), cpu_features(), int(gallery), index_kind, tuple(query_size), threads)
+    logger.info("plan: %s", result.cpu["summary"])
+    photos = sample_queries(queries, query_size)
+    rng = random.Random(0)
+    for cand in tqdm(cands, desc="plan: candidates", unit="model"):
+        t0 = time.perf_counter()
+        runs, result.index_kind = _time_candidate(cand, work, photos, rng, backends=backends, gallery=gallery,
+                                                  index_kind=index_kind, repeats=repeats, warmup=warmup,
+                                                  threads=threads)
+        for b in backends:
+            s = summarize_timings(runs[b])
+            result.rows.append({"candidate": cand.name, "arch": cand.arch, "side": cand.side, "backend": b, **s,
+                                "meets": s["total"]["p50"] <= budget_ms})
+        logger.info("plan: %s timed in %.0f s", cand.name, time.perf_counter() - t0)
+    result.choice = _choose(cands, result.rows, teacher)
+    result.notes = [
+        "Random weights: speed does not depend on the values. Quality differs by architecture and side; see "
+        "benchmarks/resolution_quality.py and notebook 02 for what a smaller student costs on your photos.",
+        "A student trained at another side serves at that side (`--image-resolution`).",
+        f"Machine speed drifts; rerun when the machine is otherwise idle (load average now "
+        f"{os.getloadavg()[0]:.1f}).",
+    ]
+    atomic_write_json(work / "plan.json", result.to_dict())
+    return result
+
+
+def _plan_candidates(budget_ms: float, candidates: Sequence[str | Candidate], backends: Sequence[str], gallery: int,
+                     queries: int, repeats: int) -> list[Candidate]:
+    """The candidates :func:`plan` times, parsed, once its arguments are checked (ValueError when one is bad)."""
     if not budget_ms > 0:
         raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
     if gallery < 1 or queries < 1 or repeats < 1:
@@ -392,50 +421,44 @@ def plan(
     cands = [c if isinstance(c, Candidate) else Candidate.parse(c) for c in candidates]
     if not cands:
         raise ValueError("no candidate to time")
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    result = PlanResult(float(budget_ms), cpu_features(), int(gallery), index_kind, tuple(query_size), threads)
-    logger.info("plan: %s", result.cpu["summary"])
-    photos = sample_queries(queries, query_size)
-    rng = random.Random(0)
-    for cand in tqdm(cands, desc="plan: candidates", unit="model"):
-        t0 = time.perf_counter()
-        index_dir, stats = synthetic_index(work, gallery, int(cand.info()["embed_dim"]), index_kind)
-        result.index_kind = stats.get("kind", index_kind)
-        index = GalleryIndex.load(index_dir)
-        files = candidate_encoders(cand, work, backends, threads)
-        retrievers = {b: Retriever(index, make_encoder(files[b], "torch" if b == "torch" else "onnx",
-                                                       threads=threads), threads=threads) for b in backends}
-        runs: dict[str, list[dict]] = {b: [] for b in backends}
-        for rep in range(warmup + repeats):
-            order = list(backends)
-            rng.shuffle(order)
-            # One back-end answers every query of a round in a row: torch's and ONNX Runtime's thread pools
-            # spin for a while after their work, and alternating them query by query makes each wait for the other.
-            for b in order:
-                for q in photos:
-                    timing = retrievers[b].search(q, 10).timings_ms
-                    if rep >= warmup:
-                        runs[b].append(timing)
-        del retrievers
-        for b in backends:
-            s = summarize_timings(runs[b])
-            result.rows.append({"candidate": cand.name, "arch": cand.arch, "side": cand.side, "backend": b, **s,
-                                "meets": s["total"]["p50"] <= budget_ms})
-        logger.info("plan: %s timed in %.0f s", cand.name, time.perf_counter() - t0)
+    return cands
+
+
+def _time_candidate(cand: Candidate, work: Path, photos: Sequence[bytes], rng: random.Random, *,
+                    backends: Sequence[str], gallery: int, index_kind: str, repeats: int, warmup: int,
+                    threads: int | None) -> tuple[dict[str, list[dict]], str]:
+    """Every back-end of one candidate answering ``photos`` end to end: (back-end → timed queries, index kind).
+
+    Each round the back-ends go in a shuffled order (``rng``), so a machine whose speed drifts slows them alike.
+    """
+    from ..retrieval.index import GalleryIndex
+    from .backends import make_encoder
+    from .runtime import Retriever
+
+    index_dir, stats = synthetic_index(work, gallery, int(cand.info()["embed_dim"]), index_kind)
+    index = GalleryIndex.load(index_dir)
+    files = candidate_encoders(cand, work, backends, threads)
+    retrievers = {b: Retriever(index, make_encoder(files[b], "torch" if b == "torch" else "onnx",
+                                                   threads=threads), threads=threads) for b in backends}
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for rep in range(warmup + repeats):
+        order = list(backends)
+        rng.shuffle(order)
+        # One back-end answers every query of a round in a row: torch's and ONNX Runtime's thread pools
+        # spin for a while after their work, and alternating them query by query makes each wait for the other.
+        for b in order:
+            for q in photos:
+                timing = retrievers[b].search(q, 10).timings_ms
+                if rep >= warmup:
+                    runs[b].append(timing)
+    return runs, stats.get("kind", index_kind)
+
+
+def _choose(cands: Sequence[Candidate], rows: Sequence[dict], teacher: str) -> dict | None:
+    """The first candidate whose fastest back-end meets the budget, with its commands; None when none does."""
     for cand in cands:
-        mine = [r for r in result.rows if r["candidate"] == cand.name]
-        best = min(mine, key=lambda r: r["total"]["p50"])
+        best = min((r for r in rows if r["candidate"] == cand.name), key=lambda r: r["total"]["p50"])
         if best["meets"]:
-            result.choice = {**best, "train_command": _train_command(cand, teacher),
-                             "export_command": _export_command(cand, best["backend"])}
-            break
-    result.notes = [
-        "Random weights: speed does not depend on the values. Quality differs by architecture and side; see "
-        "benchmarks/resolution_quality.py and notebook 02 for what a smaller student costs on your photos.",
-        "A student trained at another side serves at that side (`--image-resolution`).",
-        f"Machine speed drifts; rerun when the machine is otherwise idle (load average now "
-        f"{os.getloadavg()[0]:.1f}).",
-    ]
-    atomic_write_json(work / "plan.json", result.to_dict())
-    return result
+            return {**best, "train_command": _train_command(cand, teacher),
+                    "export_command": _export_command(cand, best["backend"])}
+    return None

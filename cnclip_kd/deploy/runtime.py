@@ -1,25 +1,33 @@
-"""The query-time retriever: one encoder (ONNX or torch) plus one gallery index, for images and text."""
+"""The query-time retriever: one encoder (ONNX or torch) plus one gallery index, for images and text.
+
+Its queries run through the steps :mod:`cnclip_kd.retrieval.session` spells once for every front end
+(decoding, the text checks, tokenising, the search and :class:`SearchResult`); this module adds the
+serving encoders (ONNX Runtime or PyTorch on the CPU), loaded on first use and checked against the index.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..core.images import DEFAULT_MAX_PIXELS
-from ..core.tokenizer import check_query, tokenize
+from ..retrieval.session import (
+    QuerySource,
+    SearchResult,
+    encode_text_query,
+    load_query_image,
+    search_image_query,
+    search_text_query,
+)
 from .backends import (
     BACKENDS,
     OnnxEncoder,
     OnnxTextEncoder,
-    QuerySource,
     TorchEncoder,
     encoder_fingerprint,
-    load_query_image,
     make_encoder,
     make_text_encoder,
     to_pixels,
@@ -31,46 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["Retriever", "SearchResult"]
-
-
-# --------------------------------------------------------------------------- retrieval
-
-
-@dataclass
-class SearchResult:
-    """One query's answer.
-
-    Attributes:
-        ids: ``[n]`` gallery image ids, best first (``n ≤ k``: missing results dropped).
-        scores: ``[n]`` cosine similarities.
-        rows: ``[n]`` gallery rows (``index.gallery.meta[row]``).
-        metadata: ``n`` metadata rows (``id``, ``caption``, ``label``, ``product_id``, ``image`` …).
-        timings_ms: ``decode`` (image: decode + preprocess; text: query check + tokenise),
-            ``encode``, ``search``, ``total``.
-        query: For a text query: ``text`` (as searched, surrounding whitespace stripped),
-            ``truncated`` (the text had more tokens than the model reads: its end was cut),
-            ``n_tokens`` (tokens fed, ``[CLS]``/``[SEP]`` included) and ``context_length``;
-            ``None`` for an image query.
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    rows: np.ndarray
-    metadata: list[dict]
-    timings_ms: dict = field(default_factory=dict)
-    query: dict | None = None
-
-    def hits(self) -> list[dict]:
-        """One dict per result: ``rank``, ``id``, ``score`` and the metadata fields."""
-        return [{**meta, "rank": rank, "id": int(i), "score": round(float(s), 6)}
-                for rank, (i, s, meta) in enumerate(zip(self.ids, self.scores, self.metadata), 1)]
-
-    def to_dict(self) -> dict:
-        """JSON-ready: ``results`` (:meth:`hits`), ``timings_ms`` and, for a text query, ``query``."""
-        out = {"results": self.hits(), "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
-        if self.query is not None:
-            out["query"] = dict(self.query)
-        return out
 
 
 def _text_backend_name(encoder: Any) -> str:
@@ -298,19 +266,7 @@ class Retriever:
         Raises:
             QueryError: Empty, whitespace only, or not a string.
         """
-        return self.text_encoder.encode([check_query(text)])[0]
-
-    def _answer(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-        t0 = time.perf_counter()
-        scores, rows = self.index.search(emb, k)
-        elapsed = time.perf_counter() - t0
-        keep = rows[0] >= 0
-        return scores[0][keep], rows[0][keep], elapsed
-
-    def _result(self, scores: np.ndarray, rows: np.ndarray, timings: dict, query: dict | None = None) -> SearchResult:
-        gallery = self.index.gallery
-        return SearchResult(ids=gallery.ids[rows], scores=scores, rows=rows,
-                            metadata=[dict(gallery.meta[int(r)]) for r in rows], timings_ms=timings, query=query)
+        return encode_text_query(self.text_encoder, text)[0][0]
 
     def search(self, image: QuerySource, k: int = 10) -> SearchResult:
         """The ``k`` most similar gallery items of a query image.
@@ -326,21 +282,15 @@ class Retriever:
             BadImageError: Empty, truncated, not an image, or too large.
         """
         encoder = self.encoder  # loaded here on first use, outside the timings
-        t0 = time.perf_counter()
-        x = self.pixels(image)[None]
-        t1 = time.perf_counter()
-        emb = encoder.encode(x)
-        t2 = time.perf_counter()
-        scores, rows, search_s = self._answer(emb, k)
-        return self._result(scores, rows, {"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3,
-                                           "search": search_s * 1e3, "total": (t2 - t0 + search_s) * 1e3})
+        return search_image_query(self.index, image, k, prepare=self.pixels, encode=lambda x: encoder.encode(x[None]))
 
     def search_text(self, text: str, k: int = 10) -> SearchResult:
         """The ``k`` gallery images that best match a text query (text → image).
 
         The query is checked (:func:`cnclip_kd.core.tokenizer.check_query`), tokenised as cn_clip does
         at its own length (Chinese, Latin, digits, emoji, mixed scripts; characters outside the
-        vocabulary become ``[UNK]``), encoded by the text tower and searched in the index.
+        vocabulary become ``[UNK]``), encoded by the text tower and searched in the index
+        (:func:`cnclip_kd.retrieval.session.search_text_query`, as the notebook's query session does).
 
         Args:
             text: The query, e.g. ``"白色连衣裙"``.
@@ -355,28 +305,7 @@ class Retriever:
             QueryError: Empty, whitespace only, or not a string (checked before any model loads).
             cnclip_kd.core.tokenizer.NoTextTowerError: The index's model has no text tower (names it).
         """
-        if self._text_encoder is None:
-            check_query(text)  # a bad query is refused before a model is loaded for it
-        encoder = self.text_encoder  # loaded here on first use, outside the timings
-        t0 = time.perf_counter()
-        query = check_query(text)
-        tokens = tokenize(query, encoder.context_length, pad_to_context=False)
-        t1 = time.perf_counter()
-        if isinstance(encoder, OnnxTextEncoder):
-            emb = encoder.encode_ids(tokens.ids)
-            truncated = bool(tokens.truncated[0])
-        else:
-            emb = encoder.encode([query])
-            truncated = bool(encoder.truncated(query))
-        t2 = time.perf_counter()
-        scores, rows, search_s = self._answer(emb, k)
-        info = {"text": query, "truncated": truncated, "n_tokens": int(tokens.lengths[0]),
-                "context_length": int(encoder.context_length)}
-        if truncated:
-            logger.info("text query of %d word pieces cut to the model's %d tokens", int(tokens.n_pieces[0]) + 2,
-                        encoder.context_length)
-        return self._result(scores, rows, {"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3,
-                                           "search": search_s * 1e3, "total": (t2 - t0 + search_s) * 1e3}, info)
+        return search_text_query(self.index, text, k, lambda: self.text_encoder)
 
     def __repr__(self) -> str:
         text = _text_backend_name(self._text_encoder) if self._text_encoder is not None else "on first text query"

@@ -1,6 +1,6 @@
 """HTTP search service over the CPU deployment: ``cnclip-kd serve`` (FastAPI + uvicorn).
 
-:func:`create_app` wraps a :class:`cnclip_kd.deploy.runtime.Retriever` (a saved index folder
+:func:`create_app` wraps a :class:`cnclip_kd.deploy.service.SearchService` (a saved index folder
 plus the exported ONNX encoders of notebook 06) in a FastAPI application:
 
 * ``POST /search``: an image (raw body, or the ``image`` / ``file`` part of a
@@ -9,15 +9,26 @@ plus the exported ONNX encoders of notebook 06) in a FastAPI application:
   scores and metadata of the Top-k (each with its ``image_url``; the gallery's
   file paths are left out), the timing split (decode, encode, search, total)
   and the index version that answered.
-* ``GET /healthz``: 200 once the index and encoders are loaded, 503 before.
+* ``GET /healthz``: 200 once the index and encoders are loaded, 503 before; says
+  whether the admin endpoints are enabled (never a key).
 * ``GET /metrics``: Prometheus text format (request counts by endpoint and
   outcome, latency histogram, queue depth, index size and version).
 * ``GET /images/{id}``: a gallery image by its integer id (read through the
-  index's gallery, never from a path in the request).
+  index's gallery, never from a path in the request): from the gallery's LMDB,
+  or a file that resolves under the gallery's image roots and sniffs as an
+  image; anything else is 404.
 * ``POST /admin/reload``: load an index folder (default: the one being served)
   beside the current one and swap it in atomically; requests in flight finish
   on the old one, and a folder that does not load is refused while the old one
-  keeps serving. The CLI maps ``SIGHUP`` to the same reload.
+  keeps serving. Only the served folder or a folder under the index root
+  (``--index-root``, default the served folder's parent) is loaded (403
+  ``forbidden_path``). The CLI maps ``SIGHUP`` to a reload of the served folder.
+
+**Keys.** The query key (``api_key``) guards ``/search`` and ``/images``; the admin
+key (``admin_key``) guards ``/admin/reload`` and every other endpoint that changes
+the service (each added with :func:`add_admin_route`; :func:`unguarded_write_routes`
+must stay empty) and may also query. Without an admin key those answer 403
+``admin_disabled``. Both are compared in constant time and never logged.
 
 **Limits.** The request body is capped (``Content-Length`` checked before any
 byte is read, and bytes counted while they stream in: 413 ``too_large``); the
@@ -41,293 +52,41 @@ index's PyTorch model.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
-import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.images import BadImageError, TooManyPixelsError
-from ..core.tokenizer import NoTextTowerError, QueryError
-from .backends import make_encoder, make_text_encoder
-from .runtime import Retriever
+from .service import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_K,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TIMEOUT_S,
+    ERROR_CODES,
+    MEDIA_TYPES,
+    RETRY_AFTER_S,
+    AccessKeys,
+    ApiError,
+    LoadedIndex,
+    SearchService,
+    read_key_file,
+    sniff_image_type,
+    warn_exposure,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ERROR_CODES", "ApiError", "BackgroundServer", "SearchService", "create_app", "sniff_image_type"]
-
-#: Stable error codes → HTTP status.
-ERROR_CODES = {
-    "bad_request": 400,
-    "empty_query": 400,
-    "bad_query": 400,
-    "ambiguous_query": 400,
-    "bad_k": 400,
-    "bad_image": 400,
-    "no_text_tower": 400,
-    "no_image_model": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "timeout": 408,  # the body did not arrive in time; a slow query answers 504 with the same code
-    "too_large": 413,
-    "too_many_pixels": 413,
-    "unsupported_type": 415,
-    "bad_index": 422,
-    "internal": 500,
-    "busy": 503,
-    "not_ready": 503,
-}
-
-DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
-#: A 50 Mpx RGB image decodes to 150 MB: enough for any phone photo, small enough for a server.
-DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_MAX_K = 100
-DEFAULT_TIMEOUT_S = 30.0
-RETRY_AFTER_S = 1
-
-# Magic bytes of the formats served (PIL decodes them all); anything else is refused unread.
-_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-          (b"BM", "bmp"))
-_MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
-                "webp": "image/webp"}
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}`` with the code's status (:data:`ERROR_CODES`)."""
-
-    def __init__(self, code: str, message: str, *, status: int | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status or ERROR_CODES.get(code, 400)
-        self.headers = headers or {}
-
-
-def sniff_image_type(data: bytes) -> str | None:
-    """The image format of ``data`` from its first bytes (``jpeg``, ``png``, ``gif``, ``bmp``, ``webp``) or ``None``.
-
-    The declared content type and file name are never trusted: only these bytes decide.
-    """
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    for magic, kind in _MAGIC:
-        if data.startswith(magic):
-            return kind
-    return None
-
-
-def _index_version(index_dir: Path) -> str:
-    """A short content hash of the index folder's small files (changes whenever notebook 03 rewrites it)."""
-    h = hashlib.sha256()
-    for name in ("stats.json", "ids.npy", "gallery.json"):
-        h.update((index_dir / name).read_bytes())
-    h.update(str((index_dir / "index.faiss").stat().st_size).encode())
-    return h.hexdigest()[:12]
-
-
-@dataclass
-class _Loaded:
-    """One loaded index with its retriever; replaced as a whole by a reload (requests keep their own)."""
-
-    retriever: Retriever
-    index_dir: Path
-    version: str
-    loaded_at: float
-    # The gallery's LMDB reader keeps one transaction: reads from several threads go one at a time.
-    image_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def info(self) -> dict:
-        return {"index_dir": str(self.index_dir), "index_version": self.version,
-                "index_size": len(self.retriever.index), "loaded_at": self.loaded_at}
-
-
-class SearchService:
-    """The state behind the HTTP app: encoders, the current index, the thread pool and the queue bound.
-
-    Args:
-        index_dir: Saved index folder (:meth:`cnclip_kd.retrieval.index.GalleryIndex.save`).
-        encoder: Image encoder: an ``.onnx`` file, an already loaded encoder, or ``None`` (no image queries).
-        text_encoder: Text encoder: an ``.onnx`` text model, a loaded encoder, or ``None`` (text
-            queries answer ``no_text_tower``; the index's PyTorch model is never loaded behind the scenes).
-        threads: Intra-op threads of each ONNX session.
-        pool_size: Queries computed at once (default: CPU cores / ``threads``).
-        max_queue: Queries admitted at once (running + waiting); more get 503 ``busy`` (default 4 × pool).
-        max_pixels: Larger query images are refused (413 ``too_many_pixels``).
-        request_timeout_s: A query that has not finished by then gets 504 ``timeout``.
-        fast_decode: Decode JPEG queries at reduced size (:func:`cnclip_kd.deploy.backends.load_query_image`).
-    """
-
-    def __init__(self, index_dir: str | os.PathLike, encoder: Any = None, text_encoder: Any = None, *,
-                 threads: int | None = None, pool_size: int | None = None, max_queue: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 fast_decode: bool = True):
-        cores = os.cpu_count() or 1
-        self.threads = int(threads) if threads else None
-        self.pool_size = int(pool_size) if pool_size else max(1, cores // (self.threads or cores))
-        self.max_queue = int(max_queue) if max_queue else 4 * self.pool_size
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        self.max_pixels = int(max_pixels)
-        self.request_timeout_s = float(request_timeout_s)
-        self.fast_decode = bool(fast_decode)
-        # Paths are opened once; a reload pairs the same sessions with the new index.
-        self.encoder = make_encoder(encoder, threads=threads) if isinstance(encoder, (str, os.PathLike)) else encoder
-        self.text_encoder = (make_text_encoder(text_encoder, threads=threads)
-                             if isinstance(text_encoder, (str, os.PathLike)) else text_encoder)
-        if self.encoder is None and self.text_encoder is None:
-            raise ValueError("give an image encoder (.onnx) and/or a text encoder (.onnx text model)")
-        self._pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="cnclip-query")
-        self._reload_pool = ThreadPoolExecutor(1, thread_name_prefix="cnclip-reload")
-        self._slots = threading.BoundedSemaphore(self.max_queue)
-        self._in_flight = 0
-        self._count_lock = threading.Lock()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.current: _Loaded | None = None
-        self.current = self.load(index_dir)
-
-    # ------------------------------------------------------------------ loading
-
-    def load(self, index_dir: str | os.PathLike) -> _Loaded:
-        """Load an index folder with the service's encoders and check that it answers (blocking).
-
-        Raises:
-            FileNotFoundError: Not a saved index.
-            ValueError: The index was built with another model (dimension or fingerprint).
-        """
-        from ..retrieval.index import GalleryIndex
-
-        index_dir = Path(index_dir).resolve()
-        t0 = time.perf_counter()
-        index = GalleryIndex.load(index_dir)
-        if len(index) == 0:
-            raise ValueError(f"{index_dir}: the index is empty")
-        retriever = Retriever(index, self.encoder, text_encoder=self.text_encoder, fast_decode=self.fast_decode,
-                              max_pixels=self.max_pixels, threads=self.threads)
-        # A folder whose files load but do not search (wrong dimension, corrupt FAISS data) fails here, not later.
-        scores, rows = index.search(np.ones((1, index.dim), np.float32), 1)
-        if rows.shape != (1, 1) or rows[0, 0] < 0:
-            raise ValueError(f"{index_dir}: a test search found nothing")
-        loaded = _Loaded(retriever, index_dir, _index_version(index_dir), time.time())
-        logger.info("index %s loaded: %d images, version %s (%.2f s)", index_dir, len(index), loaded.version,
-                    time.perf_counter() - t0)
-        return loaded
-
-    async def reload(self, index_dir: str | os.PathLike | None = None) -> dict:
-        """Load ``index_dir`` (default: the folder being served) beside the current index, then swap.
-
-        Requests that already hold the old index finish on it. Reloads run one at a time, in
-        order (on a one-thread pool), so two of them never race to swap.
-
-        Raises:
-            ApiError: ``bad_index`` when the folder does not load; the old index keeps serving.
-        """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reload_pool, self._reload, index_dir)
-
-    def _reload(self, index_dir: str | os.PathLike | None) -> dict:
-        old = self.current
-        target = Path(index_dir) if index_dir else old.index_dir
-        try:
-            new = self.load(target)
-        except (FileNotFoundError, ValueError, OSError, RuntimeError, KeyError) as err:  # JSONDecodeError: a ValueError
-            logger.error("reload of %s refused, still serving %s: %s", target, old.index_dir, err)
-            raise ApiError("bad_index", f"{target}: not loaded, still serving version {old.version} "
-                                        f"({type(err).__name__}: {err})") from None
-        self.current = new  # one reference assignment: atomic for every reader
-        logger.info("index swapped: %s (%s) -> %s (%s)", old.index_dir, old.version, new.index_dir, new.version)
-        return {"previous": old.info(), **new.info()}
-
-    # ------------------------------------------------------------------ queries
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def _release(self, _future: Any) -> None:
-        with self._count_lock:
-            self._in_flight -= 1
-        self._slots.release()
-
-    async def run(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` in the query pool, within the queue bound and the time limit.
-
-        Raises:
-            ApiError: ``busy`` (queue full, with ``Retry-After``) or ``timeout``.
-        """
-        if not self._slots.acquire(blocking=False):
-            raise ApiError("busy", f"{self.max_queue} queries in flight; retry shortly",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        with self._count_lock:
-            self._in_flight += 1
-        try:
-            future = self._pool.submit(fn, *args)
-        except BaseException:
-            self._release(None)
-            raise
-        # The slot is freed when the work ends, not when the client stops waiting: the bound stays true.
-        future.add_done_callback(self._release)
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError("timeout", f"the query took longer than {self.request_timeout_s:g} s",
-                           status=504) from None
-
-    def search_image(self, loaded: _Loaded, data: bytes, k: int) -> dict:
-        """Decode, check and search one image query (blocking; runs in the pool)."""
-        if self.encoder is None:
-            raise ApiError("no_image_model", "this server was started without an image model (--model)")
-        try:
-            result = loaded.retriever.search(data, k)  # the pixel limit is read from the header, before decoding
-        except TooManyPixelsError as err:
-            raise ApiError("too_many_pixels", f"{err.reason}") from None
-        except BadImageError as err:
-            raise ApiError("bad_image", str(err)) from None
-        return result.to_dict()
-
-    def search_text(self, loaded: _Loaded, text: str, k: int) -> dict:
-        """Check, tokenise and search one text query (blocking; runs in the pool)."""
-        if self.text_encoder is None:
-            raise ApiError("no_text_tower", "this server has no text model: start it with --text-model "
-                                            "TEXT.onnx (cnclip-kd export --text-out), or query with an image")
-        try:
-            return loaded.retriever.search_text(text, k).to_dict()
-        except NoTextTowerError as err:
-            raise ApiError("no_text_tower", str(err)) from None
-        except QueryError as err:
-            raise ApiError("bad_query", str(err)) from None
-
-    def image_bytes(self, loaded: _Loaded, image_id: int) -> bytes:
-        """The stored image of a gallery id (blocking)."""
-        gallery = loaded.retriever.index.gallery
-        try:
-            row = gallery.row_of(image_id)
-        except KeyError:
-            raise ApiError("not_found", f"no image with id {image_id} in the index") from None
-        with loaded.image_lock:
-            try:
-                return gallery.image_bytes(row)
-            except (KeyError, FileNotFoundError, OSError) as err:
-                logger.warning("image id %d: %s", image_id, err)
-                raise ApiError("not_found", f"image id {image_id} is indexed but its file is missing") from None
-
-    def close(self) -> None:
-        """Stop the thread pools (waiting for running queries)."""
-        self._pool.shutdown(wait=True)
-        self._reload_pool.shutdown(wait=True)
+__all__ = ["DEFAULT_MAX_PIXELS", "ERROR_CODES", "SERVE_ENV", "AccessKeys", "ApiError", "BackgroundServer",
+           "SearchService", "add_admin_route", "app_from_env", "create_app", "reload_from_signal",
+           "require_admin_key", "require_query_key", "sniff_image_type", "unguarded_write_routes"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -355,10 +114,11 @@ class _Metrics:
         self.index_size.set_function(lambda: len(service.current.retriever.index) if service.current else 0)
         self.index_info = Gauge("cnclip_index_info", "The index being served (value 1)", ["version", "index_dir"],
                                 registry=self.registry)
-        self.reloads = Counter("cnclip_index_reloads", "Index reloads by outcome", ["outcome"],
+        self.reloads = Counter("cnclip_index_reloads", "Index reloads by outcome (ok; refused: did not load; "
+                               "forbidden: outside the served folder and the index root)", ["outcome"],
                                registry=self.registry)
 
-    def set_index(self, loaded: _Loaded) -> None:
+    def set_index(self, loaded: LoadedIndex) -> None:
         self.index_info.clear()
         self.index_info.labels(version=loaded.version, index_dir=str(loaded.index_dir)).set(1)
 
@@ -463,7 +223,7 @@ class _LimitsMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-# --------------------------------------------------------------------------- the app
+# --------------------------------------------------------------------------- request parsing
 
 
 def _parse_k(raw: Any, max_k: int, default: int) -> int:
@@ -487,13 +247,243 @@ def _parse_urlencoded(data: bytes) -> dict:
         raise ApiError("unsupported_type", "the body is neither an image nor a form with q= and k=") from None
 
 
+# --------------------------------------------------------------------------- errors and access
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    request.state.error_code = err.code
+    return JSONResponse({"error": {"code": err.code, "message": err.message}}, status_code=err.status,
+                        headers=err.headers)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "bad_request")
+    return await _api_error(request, ApiError(code, str(err.detail), status=err.status_code))
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return await _api_error(request, ApiError("bad_request", "invalid request parameters"))
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)  # the traceback goes to the log only
+    return await _api_error(request, ApiError("internal", "internal error; see the server log"))
+
+
+async def require_query_key(request: Request) -> None:
+    """Dependency of the query endpoints: the query key or the admin key, when a query key is set.
+
+    Raises:
+        ApiError: ``unauthorized``.
+    """
+    request.app.state.keys.check_query(request.headers)
+
+
+async def require_admin_key(request: Request) -> None:
+    """Dependency of every endpoint that changes the service: the admin key.
+
+    Raises:
+        ApiError: ``admin_disabled`` (no admin key configured) or ``unauthorized``.
+    """
+    request.app.state.keys.check_admin(request.headers)
+
+
+#: Paths whose POST only reads (a query): every other non-GET route needs :func:`require_admin_key`.
+QUERY_ROUTES = frozenset({"/search"})
+
+
+def add_admin_route(app: FastAPI, path: str, endpoint: Any, *, methods: Sequence[str] = ("POST",),
+                    summary: str | None = None) -> None:
+    """Add an endpoint that changes the service: guarded by :func:`require_admin_key` (403 without an admin key).
+
+    Every write endpoint goes through here; :func:`create_app` checks with :func:`unguarded_write_routes`.
+    """
+    app.add_api_route(path, endpoint, methods=list(methods), summary=summary,
+                      dependencies=[Depends(require_admin_key)])
+
+
+def unguarded_write_routes(app: FastAPI) -> list[str]:
+    """``"METHOD /path"`` of each route that may change the service without :func:`require_admin_key`.
+
+    A route this cannot inspect (a mounted app, an included router) counts as unguarded.
+    :func:`create_app` refuses to build an app where the list is not empty, so a write endpoint
+    added later without :func:`add_admin_route` cannot open without the admin key.
+    """
+    found = []
+    for route in app.routes:
+        methods = getattr(route, "methods", None)
+        path = getattr(route, "path", None)
+        if methods is None or path is None:
+            found.append(f"? {type(route).__name__} {path or ''}".rstrip())
+            continue
+        methods = set(methods) - {"GET", "HEAD", "OPTIONS"}
+        if not methods or path in QUERY_ROUTES:
+            continue
+        if require_admin_key not in [d.dependency for d in getattr(route, "dependencies", ())]:
+            found += [f"{m} {path}" for m in sorted(methods)]
+    return found
+
+
+def _current(request: Request) -> LoadedIndex:
+    loaded = request.app.state.service.current
+    if loaded is None:
+        raise ApiError("not_ready", "the index is not loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return loaded
+
+
+# --------------------------------------------------------------------------- route handlers
+
+
+async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str]:
+    """``(q, k, image bytes, content type)`` of a search request, from its query string and body."""
+    params = request.query_params
+    q, k_raw, data = params.get("q"), params.get("k"), b""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/x-www-form-urlencoded":
+        # curl --data-binary @photo.jpg declares this type: the bytes decide whether it is a form.
+        data = await request.body()
+        if sniff_image_type(data) is None:
+            fields = _parse_urlencoded(data)
+            data = b""
+            q, k_raw = fields.get("q", q), fields.get("k", k_raw)
+    elif ctype == "multipart/form-data":
+        form = await request.form(max_files=2, max_fields=10)
+        try:
+            for name in ("image", "file"):
+                part = form.get(name)
+                if part is not None and not isinstance(part, str):
+                    data = await part.read()
+                    break
+            q = form.get("q") if isinstance(form.get("q"), str) else q
+            k_raw = form.get("k") if isinstance(form.get("k"), str) else k_raw
+        finally:
+            await form.close()
+    elif ctype == "application/json":
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("bad_request", "the body is not valid JSON (send an image as a raw body or "
+                                          "multipart file, or JSON {\"q\": \"...\", \"k\": 10})") from None
+        if not isinstance(body, dict):
+            raise ApiError("bad_request", "the JSON body must be an object like "
+                                          "{\"q\": \"白色连衣裙\", \"k\": 10}")
+        q = body.get("q", q)
+        k_raw = body.get("k", k_raw)
+        if q is not None and not isinstance(q, str):
+            raise ApiError("bad_query", "q must be a string")
+    else:
+        data = await request.body()
+    return q, k_raw, data, ctype
+
+
+async def search(request: Request):
+    """``POST /search``: the Top-k gallery images of an image or a text query."""
+    service: SearchService = request.app.state.service
+    loaded = _current(request)  # this request finishes on this index, whatever a reload does meanwhile
+    q, k_raw, data, ctype = await _query_fields(request)
+    k = _parse_k(k_raw, request.app.state.max_k, request.app.state.default_k)
+    if data and q is not None:
+        raise ApiError("ambiguous_query", "send an image or a text query (q), not both")
+    if q is not None:
+        if not q.strip():
+            raise ApiError("empty_query", "empty text query: type a few words, e.g. 白色连衣裙")
+        out = await service.run(service.search_text, loaded, q, k)
+    else:
+        if not data:
+            raise ApiError("empty_query", "no query: send image bytes (raw body or multipart 'image') or q=text")
+        if sniff_image_type(data) is None:
+            raise ApiError("unsupported_type", "the body is not a JPEG, PNG, GIF, BMP or WebP image "
+                                               f"(declared {ctype or 'no type'}; the bytes decide)")
+        out = await service.run(service.search_image, loaded, data, k)
+    for hit in out["results"]:
+        # The server's own file path is not the client's business: the image is served by id.
+        hit.pop("image", None)
+        hit["image_url"] = f"/images/{hit['id']}"
+    return {"k": k, "n": len(out["results"]), "index_version": loaded.version, **out}
+
+
+async def healthz(request: Request):
+    """``GET /healthz``: 200 once the index and encoders are loaded (no key needed)."""
+    service: SearchService = request.app.state.service
+    loaded = service.current
+    if loaded is None:
+        raise ApiError("not_ready", "loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return {"status": "ok", **loaded.info(), "image_model": getattr(service.encoder, "name", None),
+            "text_model": getattr(service.text_encoder, "name", None) if service.text_encoder else None,
+            "in_flight": service.in_flight, "max_queue": service.max_queue, "pid": os.getpid(),
+            "admin_enabled": request.app.state.keys.admin_enabled}
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format (no key needed)."""
+    body, ctype = request.app.state.metrics.render()
+    return Response(body, media_type=ctype)
+
+
+async def image(image_id: str, request: Request) -> Response:
+    """``GET /images/{image_id}``: a gallery image by its integer id."""
+    # Only a plain integer is an id: nothing in the request ever becomes a path.
+    if not (image_id.isascii() and image_id.isdigit()) or len(image_id) > 19:
+        raise ApiError("not_found", "image ids are non-negative integers")
+    service: SearchService = request.app.state.service
+    loaded = _current(request)
+    data, kind = await asyncio.get_running_loop().run_in_executor(None, service.image_bytes, loaded, int(image_id))
+    return Response(data, media_type=MEDIA_TYPES[kind],
+                    headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+async def reload(request: Request):
+    """``POST /admin/reload``: load an index folder beside the current one and swap it in."""
+    target = request.query_params.get("index_dir")
+    if target is None and request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("bad_request", "the body is not valid JSON") from None
+        target = body.get("index_dir") if isinstance(body, dict) else None
+    service: SearchService = request.app.state.service
+    metrics: _Metrics = request.app.state.metrics
+    try:
+        out = await service.reload(target)
+    except ApiError as err:
+        metrics.reloads.labels(outcome="forbidden" if err.code == "forbidden_path" else "refused").inc()
+        raise
+    metrics.reloads.labels(outcome="ok").inc()
+    metrics.set_index(service.current)
+    return out
+
+
+def _add_routes(app: FastAPI) -> None:
+    query = [Depends(require_query_key)]
+    app.add_api_route("/search", search, methods=["POST"], dependencies=query,
+                      summary="Top-k gallery images of an image or a text query")
+    app.add_api_route("/healthz", healthz, methods=["GET"], summary="200 when the index and encoders are loaded")
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], summary="Prometheus metrics")
+    app.add_api_route("/images/{image_id}", image, methods=["GET"], dependencies=query,
+                      summary="A gallery image by its integer id")
+    # Every endpoint that changes the service goes through add_admin_route: the admin key guards it.
+    add_admin_route(app, "/admin/reload", reload, summary="Load an index folder beside the current one and swap it in")
+    unguarded = unguarded_write_routes(app)
+    if unguarded:
+        raise RuntimeError(f"write endpoints without the admin key: {unguarded}")
+
+
+# --------------------------------------------------------------------------- the app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    app.state.service.loop = asyncio.get_running_loop()
+    yield  # the pools stay: a test client may enter the lifespan again; process exit ends them
+
+
 def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, text_encoder: Any = None, *,
-               api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               api_key: str | None = None, admin_key: str | None = None,
+               index_root: str | os.PathLike | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
                body_timeout_s: float | None = None, max_queue: int | None = None, max_k: int = DEFAULT_MAX_K,
-               default_k: int = 10,
-               threads: int | None = None, pool_size: int | None = None, fast_decode: bool = True,
-               service: SearchService | None = None):
+               default_k: int = 10, threads: int | None = None, pool_size: int | None = None,
+               fast_decode: bool = True, service: SearchService | None = None) -> FastAPI:
     """The FastAPI app of the search service (see the module docstring for the endpoints).
 
     The index and encoders load here (the app is ready when this returns); pass ``service``
@@ -503,8 +493,12 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
         index_dir: Saved index folder (notebook 03, ``cnclip-kd index``).
         encoder: Image encoder ``.onnx`` (``cnclip-kd export``) or a loaded encoder.
         text_encoder: Text encoder ``.onnx`` (``cnclip-kd export --text-out``), or ``None``.
-        api_key: When set, ``/search``, ``/images`` and ``/admin`` need it in ``X-API-Key`` (or
-            ``Authorization: Bearer``); compared in constant time.
+        api_key: When set, ``/search`` and ``/images`` need it (or the admin key) in ``X-API-Key``
+            (or ``Authorization: Bearer``); compared in constant time.
+        admin_key: When set, ``/admin/reload`` and every other endpoint that changes the service
+            need it; without it they answer 403 ``admin_disabled``. Must differ from ``api_key``.
+        index_root: Reloads load the served folder or a folder under this one (default: the
+            served folder's parent); anything else is 403 ``forbidden_path``.
         max_body_bytes: Larger request bodies get 413 ``too_large``.
         max_pixels: Larger query images get 413 ``too_many_pixels``.
         request_timeout_s: Limit on computing a query (504 ``timeout``).
@@ -516,12 +510,16 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
         threads: Intra-op threads per ONNX session.
         pool_size: Queries computed at once.
         fast_decode: DCT-scaled JPEG decoding.
-        service: A loaded service (its own limits apply; the arguments above except
-            ``api_key``, ``max_body_bytes`` and ``max_k`` are ignored).
+        service: A loaded service (its own limits and index root apply; of the arguments above only
+            the keys, ``max_body_bytes``, ``body_timeout_s``, ``max_k`` and ``default_k`` are used).
 
     Returns:
         A FastAPI application; ``app.state.service`` is its :class:`SearchService`.
+
+    Raises:
+        ValueError: Bad limits, the same key for queries and admin, or an index that does not load.
     """
+    keys = AccessKeys.of(api_key, admin_key)
     if not 1 <= int(default_k) <= int(max_k):
         raise ValueError(f"default_k must be from 1 to max_k={max_k}")
     if service is None:
@@ -529,172 +527,25 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
             raise ValueError("give index_dir (or a loaded service)")
         service = SearchService(index_dir, encoder, text_encoder, threads=threads, pool_size=pool_size,
                                 max_queue=max_queue, max_pixels=max_pixels, request_timeout_s=request_timeout_s,
-                                fast_decode=fast_decode)
+                                fast_decode=fast_decode, index_root=index_root)
     metrics = _Metrics(service)
     metrics.set_index(service.current)
-    key = api_key.encode("utf-8") if api_key else None
-
-    @asynccontextmanager
-    async def lifespan(app):
-        service.loop = asyncio.get_running_loop()
-        yield  # the pools stay: a test client may enter the lifespan again; process exit ends them
-
-    app = FastAPI(title="cnclip-kd search", version="1", lifespan=lifespan,
+    app = FastAPI(title="cnclip-kd search", version="1", lifespan=_lifespan,
                   description="Image and text → image search over a saved cnclip-kd index (ONNX on the CPU).")
-    app.state.service = service
-    app.state.metrics = metrics
-
-    def error_response(request: Request, err: ApiError) -> JSONResponse:
-        request.state.error_code = err.code
-        return JSONResponse({"error": {"code": err.code, "message": err.message}}, status_code=err.status,
-                            headers=err.headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, err: ApiError):
-        return error_response(request, err)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "bad_request")
-        return error_response(request, ApiError(code, str(err.detail), status=err.status_code))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, err: RequestValidationError):
-        return error_response(request, ApiError("bad_request", "invalid request parameters"))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        logger.exception("unexpected error on %s", request.url.path)  # the traceback goes to the log only
-        return error_response(request, ApiError("internal", "internal error; see the server log"))
-
-    def check_key(request: Request) -> None:
-        if key is None:
-            return
-        given = request.headers.get("x-api-key")
-        if given is None:
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode("utf-8"), key):
-            raise ApiError("unauthorized", "missing or wrong API key (header X-API-Key)")
-
-    @app.post("/search", summary="Top-k gallery images of an image or a text query")
-    async def search(request: Request):
-        check_key(request)
-        loaded = service.current  # this request finishes on this index, whatever a reload does meanwhile
-        if loaded is None:
-            raise ApiError("not_ready", "the index is not loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)})
-        params = request.query_params
-        q, k_raw, data = params.get("q"), params.get("k"), b""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "application/x-www-form-urlencoded":
-            # curl --data-binary @photo.jpg declares this type: the bytes decide whether it is a form.
-            data = await request.body()
-            if sniff_image_type(data) is None:
-                fields = _parse_urlencoded(data)
-                data = b""
-                q, k_raw = fields.get("q", q), fields.get("k", k_raw)
-        elif ctype == "multipart/form-data":
-            form = await request.form(max_files=2, max_fields=10)
-            try:
-                for name in ("image", "file"):
-                    part = form.get(name)
-                    if part is not None and not isinstance(part, str):
-                        data = await part.read()
-                        break
-                q = form.get("q") if isinstance(form.get("q"), str) else q
-                k_raw = form.get("k") if isinstance(form.get("k"), str) else k_raw
-            finally:
-                await form.close()
-        elif ctype == "application/json":
-            try:
-                body = json.loads(await request.body() or b"{}")
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError("bad_request", "the body is not valid JSON (send an image as a raw body or "
-                                              "multipart file, or JSON {\"q\": \"...\", \"k\": 10})") from None
-            if not isinstance(body, dict):
-                raise ApiError("bad_request", "the JSON body must be an object like "
-                                              "{\"q\": \"白色连衣裙\", \"k\": 10}")
-            q = body.get("q", q)
-            k_raw = body.get("k", k_raw)
-            if q is not None and not isinstance(q, str):
-                raise ApiError("bad_query", "q must be a string")
-        else:
-            data = await request.body()
-        k = _parse_k(k_raw, max_k, default_k)
-        if data and q is not None:
-            raise ApiError("ambiguous_query", "send an image or a text query (q), not both")
-        if q is not None:
-            if not q.strip():
-                raise ApiError("empty_query", "empty text query: type a few words, e.g. 白色连衣裙")
-            out = await service.run(service.search_text, loaded, q, k)
-        else:
-            if not data:
-                raise ApiError("empty_query", "no query: send image bytes (raw body or multipart 'image') or q=text")
-            kind = sniff_image_type(data)
-            if kind is None:
-                raise ApiError("unsupported_type", "the body is not a JPEG, PNG, GIF, BMP or WebP image "
-                                                   f"(declared {ctype or 'no type'}; the bytes decide)")
-            out = await service.run(service.search_image, loaded, data, k)
-        for hit in out["results"]:
-            # The server's own file path is not the client's business: the image is served by id.
-            hit.pop("image", None)
-            hit["image_url"] = f"/images/{hit['id']}"
-        return {"k": k, "n": len(out["results"]), "index_version": loaded.version, **out}
-
-    @app.get("/healthz", summary="200 when the index and encoders are loaded")
-    async def healthz():
-        loaded = service.current
-        if loaded is None:
-            raise ApiError("not_ready", "loading", headers={"Retry-After": str(RETRY_AFTER_S)})
-        return {"status": "ok", **loaded.info(), "image_model": getattr(service.encoder, "name", None),
-                "text_model": getattr(service.text_encoder, "name", None) if service.text_encoder else None,
-                "in_flight": service.in_flight, "max_queue": service.max_queue, "pid": os.getpid()}
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus_metrics():
-        body, ctype = metrics.render()
-        return Response(body, media_type=ctype)
-
-    @app.get("/images/{image_id}", summary="A gallery image by its integer id")
-    async def image(image_id: str, request: Request):
-        check_key(request)
-        # Only a plain integer is an id: nothing in the request ever becomes a path.
-        if not (image_id.isascii() and image_id.isdigit()) or len(image_id) > 19:
-            raise ApiError("not_found", "image ids are non-negative integers")
-        loaded = service.current
-        if loaded is None:
-            raise ApiError("not_ready", "the index is not loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)})
-        data = await asyncio.get_running_loop().run_in_executor(None, service.image_bytes, loaded, int(image_id))
-        kind = sniff_image_type(data)
-        return Response(data, media_type=_MEDIA_TYPES.get(kind, "application/octet-stream"),
-                        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
-
-    @app.post("/admin/reload", summary="Load an index folder beside the current one and swap it in")
-    async def reload(request: Request):
-        check_key(request)
-        target = request.query_params.get("index_dir")
-        if target is None and request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                body = json.loads(await request.body() or b"{}")
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError("bad_request", "the body is not valid JSON") from None
-            target = body.get("index_dir") if isinstance(body, dict) else None
-        try:
-            out = await service.reload(target)
-        except ApiError:
-            metrics.reloads.labels(outcome="refused").inc()
-            raise
-        metrics.reloads.labels(outcome="ok").inc()
-        metrics.set_index(service.current)
-        return out
-
+    app.state.service, app.state.metrics, app.state.keys = service, metrics, keys
+    app.state.max_k, app.state.default_k = int(max_k), int(default_k)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    _add_routes(app)
     app.add_middleware(_LimitsMiddleware, max_body_bytes=max_body_bytes,
                        timeout_s=service.request_timeout_s if body_timeout_s is None else body_timeout_s,
                        metrics=metrics)
     return app
 
 
-async def reload_from_signal(app) -> None:
+async def reload_from_signal(app: FastAPI) -> None:
     """The SIGHUP action: reload the served folder, logging (not raising) a refusal."""
     try:
         await app.state.service.reload(None)
@@ -705,8 +556,25 @@ async def reload_from_signal(app) -> None:
         logger.error("SIGHUP reload refused: %s", err.message)
 
 
-# Settings of `cnclip-kd serve --workers N`: each uvicorn worker process builds its app from them.
+# Settings of `cnclip-kd serve --workers N`: each uvicorn worker process builds its app from them
+# (the keys travel as their files' paths, never as the keys themselves).
 SERVE_ENV = "CNCLIP_KD_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes (``--workers > 1``): settings from :data:`SERVE_ENV` JSON.
+
+    Besides :func:`create_app`'s arguments the JSON may hold ``api_key_file`` and ``admin_key_file``.
+    """
+    config = json.loads(os.environ[SERVE_ENV])
+    for file_key, key, role in (("api_key_file", "api_key", "API"), ("admin_key_file", "admin_key", "admin")):
+        path = config.pop(file_key, None)
+        if path:
+            config[key] = read_key_file(path, role, check_mode=False)  # the CLI warned about its mode already
+    return create_app(**config)
+
+
+# --------------------------------------------------------------------------- in a notebook
 
 
 class BackgroundServer:
@@ -715,8 +583,10 @@ class BackgroundServer:
 
     Example::
 
-        with BackgroundServer("out/index/demo", "out/deploy/image_encoder.onnx") as server:
-            status, reply = server.request("/search", body=jpeg_bytes, params={"k": 10})
+        with BackgroundServer("out/index/demo", "out/deploy/image_encoder.onnx",
+                              api_key=query_key, admin_key=admin_key) as server:
+            status, reply = server.request("/search", body=jpeg_bytes, params={"k": 10}, key=query_key)
+            status, reply = server.request("/admin/reload", key=admin_key)
 
     Attributes:
         app: The FastAPI application (:func:`create_app`).
@@ -740,6 +610,7 @@ class BackgroundServer:
         """
         import uvicorn
 
+        warn_exposure(self._host, self.app.state.keys)
         config = uvicorn.Config(self.app, host=self._host, port=self._port, log_level="warning",
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
@@ -757,8 +628,16 @@ class BackgroundServer:
         return self
 
     def request(self, path: str, *, body: bytes | None = None, params: dict | None = None,
-                timeout_s: float = 60.0) -> tuple[int, Any]:
-        """One HTTP request to the running service (POST with ``body`` or ``params`` on ``/search``, else GET).
+                key: str | None = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+        """One HTTP request to the running service: POST with ``body``, or on ``/search`` and ``/admin/``; else GET.
+
+        Args:
+            path: ``/search``, ``/healthz``, ``/admin/reload`` …
+            body: Raw request body (an image).
+            params: Query parameters (``k``, ``q``, ``index_dir`` …).
+            key: Sent as ``X-API-Key``: the query key for ``/search`` and ``/images``, the admin key
+                for ``/admin/…``.
+            timeout_s: Client-side limit.
 
         Returns:
             ``(status, parsed JSON body)`` — error answers too (their ``error.code``), never an exception.
@@ -770,9 +649,10 @@ class BackgroundServer:
         if self.url is None:
             raise RuntimeError("start() the server first")
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        method = "POST" if body is not None or path.startswith("/search") else "GET"
+        method = "POST" if body is not None or path.startswith(("/search", "/admin/")) else "GET"
+        headers = {"Content-Type": "application/octet-stream", **({"X-API-Key": key} if key else {})}
         req = urllib.request.Request(url, data=body if body is not None else (b"" if method == "POST" else None),
-                                     method=method, headers={"Content-Type": "application/octet-stream"})
+                                     method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
@@ -792,9 +672,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def app_from_env():
-    """App factory for uvicorn worker processes (``--workers > 1``): settings from :data:`SERVE_ENV` JSON."""
-    config = json.loads(os.environ[SERVE_ENV])
-    return create_app(**config)

@@ -1,4 +1,4 @@
-"""Stage 3, retrieval: encoders, galleries, FAISS indexes, evaluation and the models found on disk.
+"""Stage 3, retrieval: encoders, galleries, FAISS indexes, evaluation, the models found on disk, query sessions.
 
 Names load on first use (:func:`cnclip_kd.core.lazy.lazy_face`), so importing this face imports
 no torch; the modules below hold the code.
@@ -14,4 +14,6 @@ __getattr__, __dir__, __all__ = lazy_face(__name__, {
     "evaluate": ["compare_models", "evaluate_index", "evaluate_text", "index_model", "metrics_row", "write_comparison"],
     "discovery": ["discover_models", "latest_checkpoint", "saved_indexes", "spec_name"],
     "report": ["comparison_markdown", "index_markdown", "text_eval_markdown"],
+    "session": ["Query", "QueryAnswer", "QuerySession", "SearchResult", "encode_text_query", "load_query_image",
+                "results_markdown", "search_embedding", "search_image_query", "search_text_query"],
 })

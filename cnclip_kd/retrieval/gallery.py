@@ -101,11 +101,14 @@ class Gallery:
             Given as a list, held as :class:`MetaRows` (compact, read-only rows).
         lmdb_dir: The prepared ``lmdb/{split}`` folder images are read from, or ``None``
             when they are read from the ``image`` paths.
+        image_roots: The folders a file gallery's images come from (absolute): the service
+            serves image files from under these only. Empty for an LMDB gallery.
     """
 
     ids: np.ndarray
     meta: Sequence[dict]
     lmdb_dir: str | None = None
+    image_roots: tuple[str, ...] = ()
     _reader: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -150,8 +153,8 @@ class Gallery:
         """
         rows = np.flatnonzero(self.ids == int(image_id))
         if not len(rows):
-            raise KeyError(f"image id {image_id} is not in the gallery ({len(self)} images, "
-                           f"ids {int(self.ids.min()) if len(self) else '-'}…{int(self.ids.max()) if len(self) else '-'})")
+            span = f"{int(self.ids.min())}…{int(self.ids.max())}" if len(self) else "-…-"
+            raise KeyError(f"image id {image_id} is not in the gallery ({len(self)} images, ids {span})")
         return int(rows[0])
 
     def fingerprint(self) -> str:
@@ -172,6 +175,8 @@ class Gallery:
              "meta": list(self.meta)}
         if self.lmdb_dir and relative_to is not None:
             d["lmdb_dir_rel"] = os.path.relpath(Path(self.lmdb_dir).resolve(), Path(relative_to).resolve())
+        if self.image_roots:
+            d["image_roots"] = list(self.image_roots)
         return d
 
     @classmethod
@@ -182,7 +187,8 @@ class Gallery:
             rel = (Path(base) / d["lmdb_dir_rel"]).resolve()
             if (rel / "imgs").is_dir():
                 lmdb_dir = str(rel)
-        return cls(ids=np.asarray(ids, dtype=np.int64), meta=MetaRows(d["meta"]), lmdb_dir=lmdb_dir)
+        return cls(ids=np.asarray(ids, dtype=np.int64), meta=MetaRows(d["meta"]), lmdb_dir=lmdb_dir,
+                   image_roots=tuple(d.get("image_roots") or ()))
 
 
 def gallery_from_split(data_dir: str | os.PathLike, split: str) -> Gallery:
@@ -223,7 +229,8 @@ def gallery_from_split(data_dir: str | os.PathLike, split: str) -> Gallery:
 
 def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{label}",
                         check_images: bool = True, num_workers: int | None = None, dist: Any = None) -> Gallery:
-    """A gallery of photo files: a category folder, or a CSV/JSONL manifest (see :func:`cnclip_kd.data.prepare.read_source`).
+    """A gallery of photo files: a category folder, or a CSV/JSONL manifest
+    (see :func:`cnclip_kd.data.prepare.read_source`).
 
     Args:
         path: The folder or manifest.
@@ -279,7 +286,20 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
         ids.append(image_id)
         meta.append({"id": image_id, "image": str(Path(rec.source).resolve()), "caption": rec.texts[0],
                      "label": rec.label, "product_id": rec.product_id, "split": None, "source": rec.source})
-    return Gallery(ids=np.array(ids, dtype=np.int64), meta=meta)
+    return Gallery(ids=np.array(ids, dtype=np.int64), meta=meta, image_roots=_image_roots(path, meta))
+
+
+def _image_roots(source: str | os.PathLike, meta: Sequence[dict]) -> tuple[str, ...]:
+    """The source folder (a manifest's own folder), plus the folder of any image a manifest names outside it."""
+    root = Path(source).resolve()
+    root = root if root.is_dir() else root.parent
+    roots = {root}
+    for m in meta:
+        folder = Path(m["image"]).parent
+        if not folder.is_relative_to(root):
+            roots.add(folder)
+    outer = [r for r in roots if not any(r != o and r.is_relative_to(o) for o in roots)]
+    return tuple(sorted(str(r) for r in outer))
 
 
 class _GalleryImages:
@@ -571,59 +591,114 @@ def embed_gallery(encoder: ImageEncoder, gallery: Gallery, out_dir: str | os.Pat
 
     if len(gallery) == 0:
         raise ValueError("the gallery is empty")
-    rank, world = 0, 1
-    if dist is not None:
-        rank, world = int(dist.rank), int(dist.world_size)
-    elif tdist.is_available() and tdist.is_initialized():
-        rank, world = tdist.get_rank(), tdist.get_world_size()
+    rank, world = _rank_and_world(dist)
     sharded = world > 1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, dim = len(gallery), encoder.dim
-    key = hashlib.sha256(f"{encoder.fingerprint()}|{gallery.fingerprint()}".encode()).hexdigest()[:16]
-    if sharded:
-        keys: list = [None] * world
-        tdist.all_gather_object(keys, key)  # also the first barrier: every rank has started
-        if len(set(keys)) != 1:
-            raise ValueError(f"the ranks see different models or galleries (cache keys {keys}); every rank must "
-                             "load the same model and gallery (same files, same modification times)")
+    key = _agreed_key(encoder, gallery, world)
     final = out_dir / "embeddings.npy"
     emb = load_stamped(final, key, (n, dim))
     if emb is not None:
         logger.info("embeddings of %s: reusing %s", encoder.name, final)
         return emb if rank == 0 else None
     chunk_dir = out_dir / f"chunks-{key}-{chunk_size}"
-    if rank == 0:
-        for stale in out_dir.glob("chunks-*"):
-            if stale != chunk_dir:  # another model's or gallery's partial work; it can never resume here
-                shutil.rmtree(stale, ignore_errors=True)
-    bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
-    paths = [chunk_dir / f"chunk-{c:05d}.npy" for c in range(len(bounds))]
-    todo = [c for c, (p, (s, e)) in enumerate(zip(paths, bounds)) if not _chunk_ok(p, (e - s, dim))]
+    bounds, paths, todo = _plan_chunks(out_dir, chunk_dir, n, dim, chunk_size, rank)
     if sharded:  # every rank scanned before anyone writes: all see the same missing list
         tdist.barrier()
     n_done = n - sum(bounds[c][1] - bounds[c][0] for c in todo)
     if n_done and rank == 0:
         logger.info("embeddings of %s: resuming, %d of %d images already encoded", encoder.name, n_done, n)
-    mine = _split_even(todo, world, rank)
-    if sharded:
-        logger.info("rank %d of %d: %d of %d missing chunks (%s)", rank, world, len(mine), len(todo),
-                    f"chunks {mine[0]}…{mine[-1]}" if mine else "none")
-    how = None
-    if mine:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world if sharded else 1))
-        workers = default_num_workers(encoder.device.type, local_world) if num_workers is None else num_workers
-        how, facts = choose_decode(encoder, gallery, decode=decode, batch_size=batch_size, num_workers=workers)
-        _encode_chunks(encoder, gallery, [bounds[c] for c in mine], [paths[c] for c in mine],
-                       batch_size=batch_size, num_workers=workers, decode=how,
-                       desc=f"embedding ({Path(encoder.name).name or encoder.name})"
-                            + (f" rank {rank}/{world}" if sharded else ""),
-                       show=rank == 0)
-        logger.debug("decode choice: %s %s", how, facts)
+    how = _encode_share(encoder, gallery, bounds, paths, todo, rank=rank, world=world, batch_size=batch_size,
+                        num_workers=num_workers, decode=decode)
     if sharded:
         tdist.barrier()  # every shard complete
         if rank != 0:
             return None
+    return _merge_chunks(encoder, gallery, final, chunk_dir, bounds, paths, key=key, world=world, how=how)
+
+
+def _rank_and_world(dist: Any) -> tuple[int, int]:
+    """``(rank, world size)`` from ``dist``, else from the initialised ``torch.distributed`` group, else one
+    process."""
+    import torch.distributed as tdist
+
+    if dist is not None:
+        return int(dist.rank), int(dist.world_size)
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _agreed_key(encoder: ImageEncoder, gallery: Gallery, world: int) -> str:
+    """The cache key of this (model, gallery); in a sharded run, checked to be the same on every rank (the
+    exchange is also the first barrier: every rank has started).
+
+    Raises:
+        ValueError: The ranks see different models or galleries.
+    """
+    key = hashlib.sha256(f"{encoder.fingerprint()}|{gallery.fingerprint()}".encode()).hexdigest()[:16]
+    if world > 1:
+        import torch.distributed as tdist
+
+        keys: list = [None] * world
+        tdist.all_gather_object(keys, key)
+        if len(set(keys)) != 1:
+            raise ValueError(f"the ranks see different models or galleries (cache keys {keys}); every rank must "
+                             "load the same model and gallery (same files, same modification times)")
+    return key
+
+
+def _plan_chunks(out_dir: Path, chunk_dir: Path, n: int, dim: int, chunk_size: int,
+                 rank: int) -> tuple[list[tuple[int, int]], list[Path], list[int]]:
+    """The chunks of ``n`` rows: ``(bounds, paths, missing chunk numbers)``. Rank 0 first removes other
+    models' or galleries' partial work (it can never resume here)."""
+    if rank == 0:
+        for stale in out_dir.glob("chunks-*"):
+            if stale != chunk_dir:
+                shutil.rmtree(stale, ignore_errors=True)
+    bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    paths = [chunk_dir / f"chunk-{c:05d}.npy" for c in range(len(bounds))]
+    todo = [c for c, (p, (s, e)) in enumerate(zip(paths, bounds)) if not _chunk_ok(p, (e - s, dim))]
+    return bounds, paths, todo
+
+
+def _encode_share(encoder: ImageEncoder, gallery: Gallery, bounds: Sequence[tuple[int, int]],
+                  paths: Sequence[Path], todo: Sequence[int], *, rank: int, world: int, batch_size: int,
+                  num_workers: int | None, decode: str) -> str | None:
+    """Encode this rank's contiguous share of the missing chunks ``todo`` (numbers into ``bounds``/``paths``).
+
+    Returns:
+        Where the images were decoded (``"cpu"``/``"gpu"``), or ``None`` when this rank had nothing to do.
+    """
+    sharded = world > 1
+    mine = _split_even(todo, world, rank)
+    if sharded:
+        logger.info("rank %d of %d: %d of %d missing chunks (%s)", rank, world, len(mine), len(todo),
+                    f"chunks {mine[0]}…{mine[-1]}" if mine else "none")
+    if not mine:
+        return None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world if sharded else 1))
+    workers = default_num_workers(encoder.device.type, local_world) if num_workers is None else num_workers
+    how, facts = choose_decode(encoder, gallery, decode=decode, batch_size=batch_size, num_workers=workers)
+    _encode_chunks(encoder, gallery, [bounds[c] for c in mine], [paths[c] for c in mine],
+                   batch_size=batch_size, num_workers=workers, decode=how,
+                   desc=f"embedding ({Path(encoder.name).name or encoder.name})"
+                        + (f" rank {rank}/{world}" if sharded else ""),
+                   show=rank == 0)
+    logger.debug("decode choice: %s %s", how, facts)
+    return how
+
+
+def _merge_chunks(encoder: ImageEncoder, gallery: Gallery, final: Path, chunk_dir: Path,
+                  bounds: Sequence[tuple[int, int]], paths: Sequence[Path], *, key: str, world: int,
+                  how: str | None) -> np.ndarray:
+    """Join every chunk into ``final`` (stamped with ``key`` and how it was made) and remove the chunks.
+
+    Raises:
+        RuntimeError: A chunk is missing (e.g. a rank crashed, or ``out_dir`` is not shared).
+    """
+    n, dim = len(gallery), encoder.dim
     missing = [str(p) for p, (s, e) in zip(paths, bounds) if not _chunk_ok(p, (e - s, dim))]
     if missing:
         raise RuntimeError(f"{len(missing)} embedding chunks are missing after every rank finished (e.g. "
