@@ -8,6 +8,7 @@ Each sub-command calls the same package function its notebook calls::
     cnclip-kd export-teacher my-vit-h.pt out/teachers/my-vit-h
     cnclip-kd index out/runs/demo-kd-cosine/checkpoints/epoch_latest.pt out/index/demo --data out/data
     cnclip-kd eval out/index/demo out/index/teacher
+    cnclip-kd gallery add new_photos/ --index out/index/demo --model out/deploy/image_encoder.onnx
     cnclip-kd export CKPT out/deploy/image_encoder.onnx --text-out out/deploy/text_encoder.onnx
     cnclip-kd plan --budget-ms 50  # which student meets 50 ms per query on this CPU, measured
     cnclip-kd search --index out/index/demo --text 白色连衣裙 --text-model out/deploy/text_encoder.onnx
@@ -182,16 +183,25 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-model", default=None, help="likewise")
     p.add_argument("--no-text", dest="text", action="store_false",
                    help="skip the text → image / image → text evaluation (on by default for models with a text tower)")
+    p.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"],
+                   help="where the gallery is searched from (default faiss); pgvector also writes it into a "
+                        "PostgreSQL + pgvector table named after out_dir and evaluates through that table")
+    p.add_argument("--db", default=None,
+                   help="with --backend pgvector: a postgresql:// URL, or a folder for the embedded server (default: "
+                        "OUT/pg for out_dir OUT/index/NAME, else pg beside out_dir; started and stopped here)")
     p.set_defaults(func=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .retrieval.backends import index_with_backend
     from .retrieval.encoders import load_encoder
-    from .retrieval.evaluate import index_model
     from .retrieval.gallery import gallery_from_source, gallery_from_split
 
+    if args.db and args.backend != "pgvector":
+        logger.error("--db needs --backend pgvector")
+        return 2
     d, device = None, args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: shard the embedding, rank 0 builds the index
         from .core.distributed import init_distributed
@@ -201,10 +211,17 @@ def _run_index(args: argparse.Namespace) -> int:
     gallery = gallery_from_split(args.data, args.split) if args.data else gallery_from_source(args.source, dist=d)
     encoder = load_encoder(args.model, device=device, vision_model=args.vision_model,
                            text_model=args.text_model)
-    index = index_model(args.model, gallery, args.out_dir, cache_dir=args.cache_dir, kind=args.kind,
-                        memory_budget_mb=args.memory_budget_mb, k=args.k, batch_size=args.batch_size,
-                        num_workers=args.num_workers, encoder=encoder, text=args.text, dist=d,
-                        decode=args.decode, chunk_size=args.chunk_size)
+    from .retrieval.pgserver import EmbeddedPostgresError
+
+    try:
+        index = index_with_backend(args.model, gallery, args.out_dir, backend=args.backend, db=args.db,
+                                   cache_dir=args.cache_dir, kind=args.kind, memory_budget_mb=args.memory_budget_mb,
+                                   k=args.k, batch_size=args.batch_size, num_workers=args.num_workers,
+                                   encoder=encoder, text=args.text, dist=d, decode=args.decode,
+                                   chunk_size=args.chunk_size)
+    except EmbeddedPostgresError as err:
+        logger.error("%s", err)
+        return 2
     if d is not None:
         from .core.distributed import finish_distributed
 
@@ -216,6 +233,9 @@ def _run_index(args: argparse.Namespace) -> int:
                **{k: index.stats.get(k) for k in ("kind", "n", "dim", "bytes", "build_s", "recall@10", "search_ms")},
                "eval": {k: v for k, v in index.stats["eval"].items() if k != "per_label"},
                "text_eval": index.stats.get("text_eval")}
+    if "backend" in index.stats:
+        summary["backend"] = index.stats["backend"]
+        summary["faiss_eval"] = {k: v for k, v in index.stats["faiss_eval"].items() if k != "per_label"}
     sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
     return 0
 
@@ -247,6 +267,52 @@ def _run_eval(args: argparse.Namespace) -> int:
         csv_path, _ = write_comparison(rows, args.out, extra={"indexes": [str(Path(d).resolve()) for d in args.indexes],
                                                               "k": args.k})
         sys.stdout.write(f"\n-> {csv_path}\n")
+    return 0
+
+
+def _add_gallery(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gallery", help="add photos to / remove ids from a built gallery (FAISS folder or pgvector)",
+                       description="add: encode photos (a category folder or a manifest; unreadable files are "
+                                   "skipped and reported) with the deployed ONNX image encoder and write them into "
+                                   "a FAISS index folder (written back atomically) or a pgvector gallery; prints the "
+                                   "new ids. remove: delete items by id. An encoder other than the gallery's model "
+                                   "is refused.")
+    p.add_argument("action", choices=["add", "remove"], help="add photos, or remove ids")
+    p.add_argument("items", nargs="+", help="add: photo folder or manifest .csv/.jsonl; remove: item ids")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--index", help="FAISS index folder (cnclip-kd index)")
+    target.add_argument("--db", help="pgvector gallery's server: postgresql:// URL or the embedded server's folder "
+                                     "(e.g. out/pg); with --name")
+    p.add_argument("--name", "--gallery", dest="name", default=None,
+                   help="pgvector gallery name (cnclip-kd index --backend pgvector names it after the index folder, "
+                        "'-' becoming '_')")
+    p.add_argument("--model", default=None, help="add: the exported image encoder .onnx (cnclip-kd export)")
+    p.add_argument("--threads", type=int, default=None, help="add: ONNX Runtime threads")
+    p.set_defaults(func=_run_gallery)
+
+
+def _run_gallery(args: argparse.Namespace) -> int:
+    from .deploy.gallery_edits import add_photos, remove_items
+    from .retrieval.pgserver import EmbeddedPostgresError
+
+    target = {"index_dir": args.index, "db": args.db, "name": args.name}
+    try:
+        if args.db and not args.name:
+            raise ValueError("--db needs --name (the pgvector gallery's name)")
+        if args.action == "add":
+            if not args.model or len(args.items) != 1:
+                raise ValueError("gallery add takes one photo folder or manifest and --model ENCODER.onnx")
+            edit = add_photos(args.items[0], args.model, threads=args.threads, **target)
+        else:
+            try:
+                ids = [int(i) for i in args.items]
+            except ValueError:
+                raise ValueError(f"gallery remove takes integer ids, got {' '.join(args.items)}") from None
+            edit = remove_items(ids, **target)
+    except (ValueError, LookupError, EmbeddedPostgresError) as err:
+        logger.error("%s", err)
+        return 2
+    sys.stdout.write(json.dumps(edit.to_dict(), ensure_ascii=False, indent=1) + "\n")
     return 0
 
 
@@ -403,7 +469,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "folder) over a saved index folder and the exported ONNX encoders; torch is not "
                                    "loaded. OpenAPI page at /docs. Two keys: --api-key-file guards the queries, "
                                    "--admin-key-file the admin endpoints (off without it).")
-    p.add_argument("--index", required=True, help="index folder written by `cnclip-kd index` / notebook 03")
+    p.add_argument("--index", default=None, help="index folder written by `cnclip-kd index` / notebook 03 "
+                                                 "(--backend faiss)")
+    p.add_argument("--backend", choices=("faiss", "pgvector"), default="faiss",
+                   help="faiss: serve --index (default); pgvector: serve --gallery from the database --db")
+    p.add_argument("--db", default=None,
+                   help="with --backend pgvector: a postgresql:// URL, or a folder for the embedded PostgreSQL "
+                        "(started and stopped with the service; default out/pg)")
+    p.add_argument("--gallery", default=None, help="with --backend pgvector: the gallery's name")
+    p.add_argument("--image-root", action="append", default=[], metavar="DIR",
+                   help="a folder the gallery's image files may be served from (repeatable; a pgvector gallery "
+                        "records none)")
+    p.add_argument("--upload-dir", default=None,
+                   help="where POST /items keeps uploaded photos (default: <index>/uploads, or <db folder>-uploads "
+                        "for the embedded PostgreSQL)")
     p.add_argument("--model", required=True, help="image encoder .onnx (cnclip-kd export)")
     p.add_argument("--text-model", default=None, help="text encoder .onnx (cnclip-kd export --text-out); "
                                                       "without it text queries answer no_text_tower")
@@ -438,11 +517,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import signal
-
-    import uvicorn
-
-    from .deploy.serve import DEFAULT_MAX_PIXELS, SERVE_ENV, create_app, reload_from_signal
+    from .deploy.serve import DEFAULT_MAX_PIXELS
     from .deploy.service import AccessKeys, read_key_file, warn_exposure
 
     try:  # the keys are read (and their files' modes checked) here; they are never logged
@@ -453,11 +528,54 @@ def _run_serve(args: argparse.Namespace) -> int:
         logger.error("%s", err)
         return 2
     warn_exposure(args.host, keys)
-    settings = {"index_dir": args.index, "encoder": args.model, "text_encoder": args.text_model,
+    try:
+        source, database = _serve_source(args)
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    settings = {**source, "encoder": args.model, "text_encoder": args.text_model,
                 "index_root": args.index_root, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
                 "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "request_timeout_s": args.timeout,
-                "body_timeout_s": args.body_timeout,
+                "body_timeout_s": args.body_timeout, "image_roots": list(args.image_root),
                 "max_queue": args.max_queue, "threads": args.threads, "pool_size": args.pool}
+    try:
+        return _serve_settings(args, settings, api_key, admin_key)
+    finally:
+        if database is not None:
+            database.stop()
+
+
+def _serve_source(args: argparse.Namespace) -> tuple[dict, object]:
+    """What ``serve`` serves: ``({index_dir} or {db_url, gallery, upload_dir}, the embedded server or None)``.
+
+    Raises:
+        ValueError: Flags that do not fit the back-end; a database that does not start.
+    """
+    if args.backend == "faiss":
+        if not args.index or args.gallery or args.db:
+            raise ValueError("--backend faiss serves --index DIR (--db and --gallery are for --backend pgvector)")
+        return {"index_dir": args.index, "upload_dir": args.upload_dir}, None
+    if args.index or not args.gallery:
+        raise ValueError("--backend pgvector serves --gallery NAME from --db (URL or folder); --index is for faiss")
+    from .retrieval.pgserver import EmbeddedPostgres, EmbeddedPostgresError
+
+    server = EmbeddedPostgres(args.db or "out/pg")
+    try:
+        url = server.start()
+    except EmbeddedPostgresError as err:
+        raise ValueError(str(err)) from None
+    uploads = args.upload_dir or (f"{server.folder}-uploads" if server.folder is not None else None)
+    return {"db_url": url, "gallery": args.gallery, "upload_dir": uploads}, server
+
+
+def _serve_settings(args: argparse.Namespace, settings: dict, api_key: str | None, admin_key: str | None) -> int:
+    """Run uvicorn with the app of ``settings`` (one process, or ``--workers`` processes)."""
+    import signal
+
+    import uvicorn
+
+    from .deploy.serve import SERVE_ENV, create_app, reload_from_signal
+
     if args.workers > 1:
         # Each worker process builds its own app (uvicorn needs an import string for that); the keys
         # travel as their files' paths, not in the environment.
@@ -468,7 +586,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 0
     try:
         app = create_app(**settings, api_key=api_key, admin_key=admin_key)  # loads here: fails before the port opens
-    except ValueError as err:
+    except (ValueError, LookupError) as err:  # another encoder's gallery, no such gallery
         logger.error("%s", err)
         return 2
 
@@ -479,7 +597,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hup)
-    logger.info("serving %s on http://%s:%d (docs at /docs)", args.index, args.host, args.port)
+    logger.info("serving %s on http://%s:%d (search page at /, docs at /docs)", args.index or args.gallery,
+                args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
     return 0
 
@@ -536,6 +655,7 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
     _add_export_teacher(sub)
     _add_index(sub)
     _add_eval(sub)
+    _add_gallery(sub)
     _add_search(sub)
     _add_export(sub)
     _add_plan(sub)

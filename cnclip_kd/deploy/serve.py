@@ -23,6 +23,14 @@ plus the exported ONNX encoders of notebook 06) in a FastAPI application:
   keeps serving. Only the served folder or a folder under the index root
   (``--index-root``, default the served folder's parent) is loaded (403
   ``forbidden_path``). The CLI maps ``SIGHUP`` to a reload of the served folder.
+* ``POST /items`` / ``DELETE /items/{id}`` (admin key): add an uploaded photo (embedded with the
+  ONNX image encoder) or remove an item (:mod:`cnclip_kd.deploy.items`, :mod:`cnclip_kd.deploy.web`).
+* ``GET /``: the search page (``static/search.html``).
+
+**Filters.** ``/search`` takes ``where``, a JSON object (:mod:`cnclip_kd.retrieval.filters`);
+a bad one is 400 ``bad_filter``. **Back-ends.** An index folder (FAISS), or a pgvector gallery
+(``db_url`` + ``gallery``): a database that does not answer gives 503 ``db_unavailable`` with
+``Retry-After`` and the service recovers once it is back.
 
 **Keys.** The query key (``api_key``) guards ``/search`` and ``/images``; the admin
 key (``admin_key``) guards ``/admin/reload`` and every other endpoint that changes
@@ -77,15 +85,18 @@ from .service import (
     ApiError,
     LoadedIndex,
     SearchService,
+    db_unavailable,
+    is_db_error,
     read_key_file,
     sniff_image_type,
     warn_exposure,
 )
+from .web import add_item, parse_where_field, remove_item, search_page
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ERROR_CODES", "SERVE_ENV", "AccessKeys", "ApiError", "BackgroundServer",
-           "SearchService", "add_admin_route", "app_from_env", "create_app", "reload_from_signal",
+           "SearchService", "add_admin_route", "app_from_env", "create_app", "parse_where_field", "reload_from_signal",
            "require_admin_key", "require_query_key", "sniff_image_type", "unguarded_write_routes"]
 
 
@@ -111,7 +122,7 @@ class _Metrics:
                                  registry=self.registry)
         self.queue_limit.set(service.max_queue)
         self.index_size = Gauge("cnclip_index_size", "Images in the index being served", registry=self.registry)
-        self.index_size.set_function(lambda: len(service.current.retriever.index) if service.current else 0)
+        self.index_size.set_function(lambda: _index_size(service))
         self.index_info = Gauge("cnclip_index_info", "The index being served (value 1)", ["version", "index_dir"],
                                 registry=self.registry)
         self.reloads = Counter("cnclip_index_reloads", "Index reloads by outcome (ok; refused: did not load; "
@@ -128,9 +139,21 @@ class _Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _index_size(service: SearchService) -> float:
+    """Items served now (NaN when a live gallery's database does not answer)."""
+    try:
+        return len(service.current.retriever.index) if service.current else 0
+    except Exception as err:
+        if is_db_error(err):
+            return float("nan")
+        raise
+
+
 def _endpoint(path: str) -> str:
-    if path in ("/search", "/healthz", "/metrics", "/admin/reload"):
+    if path in ("/search", "/healthz", "/metrics", "/admin/reload", "/items", "/"):
         return path
+    if path.startswith("/items/"):
+        return "/items"
     return "/images" if path.startswith("/images/") else "other"
 
 
@@ -334,10 +357,10 @@ def _current(request: Request) -> LoadedIndex:
 # --------------------------------------------------------------------------- route handlers
 
 
-async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str]:
-    """``(q, k, image bytes, content type)`` of a search request, from its query string and body."""
+async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str, Any]:
+    """``(q, k, image bytes, content type, where)`` of a search request, from its query string and body."""
     params = request.query_params
-    q, k_raw, data = params.get("q"), params.get("k"), b""
+    q, k_raw, data, where = params.get("q"), params.get("k"), b"", params.get("where")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/x-www-form-urlencoded":
         # curl --data-binary @photo.jpg declares this type: the bytes decide whether it is a form.
@@ -345,7 +368,7 @@ async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str]:
         if sniff_image_type(data) is None:
             fields = _parse_urlencoded(data)
             data = b""
-            q, k_raw = fields.get("q", q), fields.get("k", k_raw)
+            q, k_raw, where = fields.get("q", q), fields.get("k", k_raw), fields.get("where", where)
     elif ctype == "multipart/form-data":
         form = await request.form(max_files=2, max_fields=10)
         try:
@@ -356,6 +379,7 @@ async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str]:
                     break
             q = form.get("q") if isinstance(form.get("q"), str) else q
             k_raw = form.get("k") if isinstance(form.get("k"), str) else k_raw
+            where = form.get("where") if isinstance(form.get("where"), str) else where
         finally:
             await form.close()
     elif ctype == "application/json":
@@ -369,37 +393,39 @@ async def _query_fields(request: Request) -> tuple[Any, Any, bytes, str]:
                                           "{\"q\": \"白色连衣裙\", \"k\": 10}")
         q = body.get("q", q)
         k_raw = body.get("k", k_raw)
+        where = body.get("where", where)
         if q is not None and not isinstance(q, str):
             raise ApiError("bad_query", "q must be a string")
     else:
         data = await request.body()
-    return q, k_raw, data, ctype
+    return q, k_raw, data, ctype, parse_where_field(where)
 
 
 async def search(request: Request):
     """``POST /search``: the Top-k gallery images of an image or a text query."""
     service: SearchService = request.app.state.service
     loaded = _current(request)  # this request finishes on this index, whatever a reload does meanwhile
-    q, k_raw, data, ctype = await _query_fields(request)
+    q, k_raw, data, ctype, where = await _query_fields(request)
     k = _parse_k(k_raw, request.app.state.max_k, request.app.state.default_k)
     if data and q is not None:
         raise ApiError("ambiguous_query", "send an image or a text query (q), not both")
     if q is not None:
         if not q.strip():
             raise ApiError("empty_query", "empty text query: type a few words, e.g. 白色连衣裙")
-        out = await service.run(service.search_text, loaded, q, k)
+        out = await service.run(service.search_text, loaded, q, k, where)
     else:
         if not data:
             raise ApiError("empty_query", "no query: send image bytes (raw body or multipart 'image') or q=text")
         if sniff_image_type(data) is None:
             raise ApiError("unsupported_type", "the body is not a JPEG, PNG, GIF, BMP or WebP image "
                                                f"(declared {ctype or 'no type'}; the bytes decide)")
-        out = await service.run(service.search_image, loaded, data, k)
+        out = await service.run(service.search_image, loaded, data, k, where)
     for hit in out["results"]:
         # The server's own file path is not the client's business: the image is served by id.
         hit.pop("image", None)
         hit["image_url"] = f"/images/{hit['id']}"
-    return {"k": k, "n": len(out["results"]), "index_version": loaded.version, **out}
+    return {"k": k, "n": len(out["results"]), "index_version": loaded.version, **({"where": where} if where else {}),
+            **out}
 
 
 async def healthz(request: Request):
@@ -408,7 +434,13 @@ async def healthz(request: Request):
     loaded = service.current
     if loaded is None:
         raise ApiError("not_ready", "loading", headers={"Retry-After": str(RETRY_AFTER_S)})
-    return {"status": "ok", **loaded.info(), "image_model": getattr(service.encoder, "name", None),
+    try:
+        info = await asyncio.get_running_loop().run_in_executor(None, loaded.info)  # a live gallery counts rows
+    except Exception as err:
+        if is_db_error(err):
+            raise db_unavailable(err) from None
+        raise
+    return {"status": "ok", **info, "image_model": getattr(service.encoder, "name", None),
             "text_model": getattr(service.text_encoder, "name", None) if service.text_encoder else None,
             "in_flight": service.in_flight, "max_queue": service.max_queue, "pid": os.getpid(),
             "admin_enabled": request.app.state.keys.admin_enabled}
@@ -461,8 +493,11 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], summary="Prometheus metrics")
     app.add_api_route("/images/{image_id}", image, methods=["GET"], dependencies=query,
                       summary="A gallery image by its integer id")
+    app.add_api_route("/", search_page, methods=["GET"], summary="The search page (HTML)", include_in_schema=False)
     # Every endpoint that changes the service goes through add_admin_route: the admin key guards it.
     add_admin_route(app, "/admin/reload", reload, summary="Load an index folder beside the current one and swap it in")
+    add_admin_route(app, "/items", add_item, summary="Embed an uploaded photo and add it to the gallery")
+    add_admin_route(app, "/items/{item_id}", remove_item, methods=("DELETE",), summary="Remove one gallery item")
     unguarded = unguarded_write_routes(app)
     if unguarded:
         raise RuntimeError(f"write endpoints without the admin key: {unguarded}")
@@ -483,7 +518,8 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
                max_pixels: int = DEFAULT_MAX_PIXELS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
                body_timeout_s: float | None = None, max_queue: int | None = None, max_k: int = DEFAULT_MAX_K,
                default_k: int = 10, threads: int | None = None, pool_size: int | None = None,
-               fast_decode: bool = True, service: SearchService | None = None) -> FastAPI:
+               fast_decode: bool = True, service: SearchService | None = None, db_url: str | None = None,
+               gallery: str | None = None, image_roots: Sequence[str] = (), upload_dir: str | None = None) -> FastAPI:
     """The FastAPI app of the search service (see the module docstring for the endpoints).
 
     The index and encoders load here (the app is ready when this returns); pass ``service``
@@ -512,6 +548,11 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
         fast_decode: DCT-scaled JPEG decoding.
         service: A loaded service (its own limits and index root apply; of the arguments above only
             the keys, ``max_body_bytes``, ``body_timeout_s``, ``max_k`` and ``default_k`` are used).
+        db_url: Serve the pgvector gallery ``gallery`` of this ``postgresql://`` server instead of
+            ``index_dir`` (leave that ``None``).
+        gallery: The pgvector gallery's name.
+        image_roots: Folders a pgvector gallery's images may be served from.
+        upload_dir: Where ``POST /items`` keeps uploaded photos (default ``<index_dir>/uploads``).
 
     Returns:
         A FastAPI application; ``app.state.service`` is its :class:`SearchService`.
@@ -523,11 +564,12 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
     if not 1 <= int(default_k) <= int(max_k):
         raise ValueError(f"default_k must be from 1 to max_k={max_k}")
     if service is None:
-        if index_dir is None:
-            raise ValueError("give index_dir (or a loaded service)")
+        if index_dir is None and db_url is None:
+            raise ValueError("give index_dir, or db_url and gallery (or a loaded service)")
         service = SearchService(index_dir, encoder, text_encoder, threads=threads, pool_size=pool_size,
                                 max_queue=max_queue, max_pixels=max_pixels, request_timeout_s=request_timeout_s,
-                                fast_decode=fast_decode, index_root=index_root)
+                                fast_decode=fast_decode, index_root=index_root, db_url=db_url, gallery=gallery,
+                                image_roots=image_roots, upload_dir=upload_dir)
     metrics = _Metrics(service)
     metrics.set_index(service.current)
     app = FastAPI(title="cnclip-kd search", version="1", lifespan=_lifespan,
@@ -593,7 +635,7 @@ class BackgroundServer:
         url: ``http://127.0.0.1:<port>`` once started.
     """
 
-    def __init__(self, index_dir: str | os.PathLike, encoder: Any, text_encoder: Any = None, *,
+    def __init__(self, index_dir: str | os.PathLike | None, encoder: Any, text_encoder: Any = None, *,
                  host: str = "127.0.0.1", port: int = 0, **settings: Any):
         """Load the service (as :func:`create_app` with ``settings``); ``port=0`` takes a free port."""
         self.app = create_app(index_dir, encoder, text_encoder, **settings)

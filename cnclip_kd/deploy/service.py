@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.images import BadImageError, TooManyPixelsError
 from ..core.tokenizer import NoTextTowerError, QueryError
+from ..retrieval.filters import FilterError
 from .backends import make_encoder, make_text_encoder
 from .runtime import Retriever
 
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ERROR_CODES", "MEDIA_TYPES", "AccessKeys", "ApiError", "LoadedIndex", "SearchService", "confine_reload_target",
-    "gallery_image_roots", "is_loopback", "read_key_file", "sniff_image_type", "warn_exposure",
+    "db_unavailable", "gallery_image_roots", "is_db_error", "is_loopback", "read_key_file", "sniff_image_type",
+    "warn_exposure",
 ]
 
 #: Stable error codes → HTTP status.
@@ -54,6 +56,7 @@ ERROR_CODES = {
     "ambiguous_query": 400,
     "bad_k": 400,
     "bad_image": 400,
+    "bad_filter": 400,  # a where= filter that cannot run (the message names the key, operator or value)
     "no_text_tower": 400,
     "no_image_model": 400,
     "unauthorized": 401,
@@ -65,10 +68,12 @@ ERROR_CODES = {
     "too_large": 413,
     "too_many_pixels": 413,
     "unsupported_type": 415,
+    "encoder_mismatch": 409,  # a write whose encoder is not the one the gallery holds embeddings of
     "bad_index": 422,
     "internal": 500,
     "busy": 503,
     "not_ready": 503,
+    "db_unavailable": 503,  # the gallery's database does not answer; retry after Retry-After
 }
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -300,6 +305,29 @@ def _within(path: Path, roots: Iterable[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
+# --------------------------------------------------------------------------- the database
+
+
+def is_db_error(err: BaseException) -> bool:
+    """Whether ``err`` says the gallery's database cannot be reached (connection refused, lost, pool timed out)."""
+    import sys
+
+    psycopg = sys.modules.get("psycopg")  # loaded only by a pgvector-backed service
+    if psycopg is not None and isinstance(err, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    pgserver = sys.modules.get("cnclip_kd.retrieval.pgserver")  # its connect() wraps a refused connection
+    if pgserver is not None and isinstance(err, pgserver.EmbeddedPostgresError):
+        return True
+    return isinstance(err, TimeoutError) and "database connection" in str(err)
+
+
+def db_unavailable(err: BaseException) -> ApiError:
+    """The 503 ``db_unavailable`` answer (with ``Retry-After``) for a database error; the error is logged."""
+    logger.warning("the gallery's database does not answer: %s: %s", type(err).__name__, str(err).strip()[:300])
+    return ApiError("db_unavailable", "the gallery's database is not answering; retry shortly",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -361,12 +389,20 @@ class SearchService:
         request_timeout_s: A query that has not finished by then gets 504 ``timeout``.
         fast_decode: Decode JPEG queries at reduced size (:func:`cnclip_kd.deploy.backends.load_query_image`).
         index_root: Reloads may load ``index_dir`` or a folder under this one (default: ``index_dir``'s parent).
+        db_url: Serve a live pgvector gallery instead of an index folder: the ``postgresql://`` URL
+            (``index_dir`` is then ``None``); ``gallery`` names it.
+        gallery: The pgvector gallery's name (with ``db_url``).
+        image_roots: Folders the images of a pgvector gallery may be served from (besides ``upload_dir``).
+        upload_dir: Where ``POST /items`` keeps the uploaded photos (default: ``<index_dir>/uploads``; a
+            pgvector gallery without one keeps no photo, so ``/images`` answers 404 for its new items).
     """
 
-    def __init__(self, index_dir: str | os.PathLike, encoder: Any = None, text_encoder: Any = None, *,
+    def __init__(self, index_dir: str | os.PathLike | None, encoder: Any = None, text_encoder: Any = None, *,
                  threads: int | None = None, pool_size: int | None = None, max_queue: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 fast_decode: bool = True, index_root: str | os.PathLike | None = None):
+                 fast_decode: bool = True, index_root: str | os.PathLike | None = None,
+                 db_url: str | None = None, gallery: str | None = None,
+                 image_roots: Sequence[str | os.PathLike] = (), upload_dir: str | os.PathLike | None = None):
         cores = os.cpu_count() or 1
         self.threads = int(threads) if threads else None
         self.pool_size = int(pool_size) if pool_size else max(1, cores // (self.threads or cores))
@@ -376,8 +412,18 @@ class SearchService:
         self.max_pixels = int(max_pixels)
         self.request_timeout_s = float(request_timeout_s)
         self.fast_decode = bool(fast_decode)
-        self.index_dir = Path(index_dir).resolve()  # the configured folder: a reload may always load it again
-        self.index_root = Path(index_root).resolve() if index_root else self.index_dir.parent
+        if (index_dir is None) == (db_url is None):
+            raise ValueError("give an index folder or a database URL with a gallery name, not both")
+        if db_url is not None and not gallery:
+            raise ValueError("a pgvector gallery needs its name (--gallery)")
+        self.live = (str(db_url), str(gallery)) if db_url is not None else None
+        # The configured folder: a reload may always load it again (a pgvector gallery: the database URL).
+        self.index_dir = Path(index_dir).resolve() if index_dir is not None else None
+        root = index_root or (self.index_dir.parent if self.index_dir is not None else None)
+        self.index_root = Path(root).resolve() if root else None
+        default_uploads = self.index_dir / "uploads" if self.index_dir is not None else None
+        self.upload_dir = Path(upload_dir).resolve() if upload_dir else default_uploads
+        self.extra_roots = tuple(Path(r).resolve() for r in image_roots)
         # Paths are opened once; a reload pairs the same sessions with the new index.
         self.encoder = make_encoder(encoder, threads=threads) if isinstance(encoder, (str, os.PathLike)) else encoder
         self.text_encoder = (make_text_encoder(text_encoder, threads=threads)
@@ -392,6 +438,9 @@ class SearchService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.current: LoadedIndex | None = None
         self.current = self.load(self.index_dir)
+        from .items import ItemWriter  # items.py builds on this module
+
+        self.writer = ItemWriter(self)
 
     # ------------------------------------------------------------------ loading
 
@@ -404,24 +453,36 @@ class SearchService:
         """
         from ..retrieval.index import GalleryIndex
 
+        if self.live is not None:
+            from .items import load_live_gallery  # items.py builds on this module
+
+            return load_live_gallery(self)
         index_dir = Path(index_dir).resolve()
         t0 = time.perf_counter()
         index = GalleryIndex.load(index_dir)
         if len(index) == 0:
             raise ValueError(f"{index_dir}: the index is empty")
-        retriever = Retriever(index, self.encoder, text_encoder=self.text_encoder, fast_decode=self.fast_decode,
-                              max_pixels=self.max_pixels, threads=self.threads)
+        retriever = self.retriever(index)
         # A folder whose files load but do not search (wrong dimension, corrupt FAISS data) fails here, not later.
         scores, rows = index.search(np.ones((1, index.dim), np.float32), 1)
         if rows.shape != (1, 1) or rows[0, 0] < 0:
             raise ValueError(f"{index_dir}: a test search found nothing")
         gallery = index.gallery
         recorded = _recorded_roots(index_dir) if gallery.lmdb_dir is None else None
-        roots = gallery_image_roots(gallery, recorded, base=index_dir)
+        roots = gallery_image_roots(gallery, recorded, base=index_dir) + self.extra_roots
         loaded = LoadedIndex(retriever, index_dir, index_version(index_dir), time.time(), image_roots=roots)
         logger.info("index %s loaded: %d images, version %s (%.2f s)", index_dir, len(index), loaded.version,
                     time.perf_counter() - t0)
         return loaded
+
+    def retriever(self, index: Any) -> Retriever:
+        """A :class:`Retriever` pairing ``index`` with the service's encoders (checks that they fit it).
+
+        Raises:
+            ValueError: The index was built with another model (dimension or fingerprint).
+        """
+        return Retriever(index, self.encoder, text_encoder=self.text_encoder, fast_decode=self.fast_decode,
+                         max_pixels=self.max_pixels, threads=self.threads)
 
     async def reload(self, index_dir: str | os.PathLike | None = None) -> dict:
         """Load ``index_dir`` (default: the folder being served) beside the current index, then swap.
@@ -439,6 +500,9 @@ class SearchService:
 
     def _reload(self, index_dir: str | os.PathLike | None) -> dict:
         old = self.current
+        if self.live is not None and index_dir is not None:
+            raise ApiError("bad_request", "this service serves a pgvector gallery: a reload reopens it and takes "
+                                          "no index_dir")
         if index_dir is None:
             target = old.index_dir
         else:
@@ -446,7 +510,7 @@ class SearchService:
                                            served=self.index_dir, index_root=self.index_root)
         try:
             new = self.load(target)
-        except (FileNotFoundError, ValueError, OSError, RuntimeError, KeyError) as err:  # JSONDecodeError: a ValueError
+        except Exception as err:  # FileNotFoundError, ValueError (JSONDecodeError), OSError, KeyError, a DB error
             logger.error("reload of %s refused, still serving %s: %s", target, old.index_dir, err)
             raise ApiError("bad_index", f"{target}: not loaded, still serving version {old.version} "
                                         f"({type(err).__name__}: {err})") from None
@@ -490,25 +554,26 @@ class SearchService:
             raise ApiError("timeout", f"the query took longer than {self.request_timeout_s:g} s",
                            status=504) from None
 
-    def search_image(self, loaded: LoadedIndex, data: bytes, k: int) -> dict:
-        """Decode, check and search one image query (blocking; runs in the pool)."""
+    def search_image(self, loaded: LoadedIndex, data: bytes, k: int, where: Mapping | None = None) -> dict:
+        """Decode, check and search one image query, among the items ``where`` keeps (blocking; runs in the pool)."""
         if self.encoder is None:
             raise ApiError("no_image_model", "this server was started without an image model (--model)")
         try:
-            result = loaded.retriever.search(data, k)  # the pixel limit is read from the header, before decoding
+            # The pixel limit is read from the header, before decoding.
+            result = _searched(lambda: loaded.retriever.search(data, k, where=where))
         except TooManyPixelsError as err:
             raise ApiError("too_many_pixels", f"{err.reason}") from None
         except BadImageError as err:
             raise ApiError("bad_image", str(err)) from None
         return result.to_dict()
 
-    def search_text(self, loaded: LoadedIndex, text: str, k: int) -> dict:
-        """Check, tokenise and search one text query (blocking; runs in the pool)."""
+    def search_text(self, loaded: LoadedIndex, text: str, k: int, where: Mapping | None = None) -> dict:
+        """Check, tokenise and search one text query, among the items ``where`` keeps (blocking; runs in the pool)."""
         if self.text_encoder is None:
             raise ApiError("no_text_tower", "this server has no text model: start it with --text-model "
                                             "TEXT.onnx (cnclip-kd export --text-out), or query with an image")
         try:
-            return loaded.retriever.search_text(text, k).to_dict()
+            return _searched(lambda: loaded.retriever.search_text(text, k, where=where)).to_dict()
         except NoTextTowerError as err:
             raise ApiError("no_text_tower", str(err)) from None
         except QueryError as err:
@@ -526,33 +591,41 @@ class SearchService:
         gallery = loaded.retriever.index.gallery
         try:
             row = gallery.row_of(image_id)
+            recorded_image = gallery.meta[row].get("image")
         except KeyError:
             raise ApiError("not_found", f"no image with id {image_id} in the index") from None
-        if gallery.lmdb_dir is not None:
+        except Exception as err:
+            if is_db_error(err):
+                raise db_unavailable(err) from None
+            raise
+        uploaded = (self.upload_dir is not None and isinstance(recorded_image, str)
+                    and Path(recorded_image).parent == self.upload_dir)  # POST /items keeps its photo there
+        if gallery.lmdb_dir is not None and not uploaded:
             try:
                 with loaded.image_lock:
                     data = gallery.image_bytes(row)
             except (KeyError, FileNotFoundError, OSError) as err:
                 raise loaded.refuse_image(image_id, f"not in the gallery's LMDB: {err}") from None
         else:
-            data = self._gallery_file(loaded, image_id, gallery.meta[row].get("image"))
+            roots = (self.upload_dir,) if uploaded else loaded.image_roots
+            data = self._gallery_file(loaded, image_id, recorded_image, roots)
         kind = sniff_image_type(data[:_SNIFF_BYTES])
         if kind is None:
             raise loaded.refuse_image(image_id, "its bytes are not a JPEG, PNG, GIF, BMP or WebP image")
         return data, kind
 
     @staticmethod
-    def _gallery_file(loaded: LoadedIndex, image_id: int, recorded: str | None) -> bytes:
+    def _gallery_file(loaded: LoadedIndex, image_id: int, recorded: str | None, roots: tuple) -> bytes:
         if not recorded:
             raise loaded.refuse_image(image_id, "the gallery records no file for it")
         try:
             path = Path(recorded).resolve(strict=True)  # symlinks and '..' resolved before the check
         except (OSError, RuntimeError, ValueError) as err:
             raise loaded.refuse_image(image_id, f"{recorded}: {type(err).__name__}") from None
-        if not _within(path, loaded.image_roots):
-            roots = ", ".join(map(str, loaded.image_roots)) or "none"
+        if not _within(path, roots):
+            names = ", ".join(map(str, roots)) or "none"
             raise loaded.refuse_image(image_id, f"{recorded} resolves to {path}, outside the gallery's image "
-                                                f"roots ({roots})")
+                                                f"roots ({names})")
         try:
             with open(path, "rb") as fh:
                 if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
@@ -566,6 +639,29 @@ class SearchService:
             raise loaded.refuse_image(image_id, f"{path}: {type(err).__name__}") from None
 
     def close(self) -> None:
-        """Stop the thread pools (waiting for running queries)."""
+        """Stop the thread pools (waiting for running queries) and close a live gallery's connections."""
         self._pool.shutdown(wait=True)
         self._reload_pool.shutdown(wait=True)
+        index = self.current.retriever.index if self.current is not None else None
+        if self.live is not None and index is not None:
+            index.close()
+
+
+def _searched(search: Callable[[], Any]) -> Any:
+    """Run one search: a bad filter is 400 ``bad_filter``, a database that does not answer 503 ``db_unavailable``.
+
+    An item removed between the search and the read of its metadata (``KeyError``) makes the search run
+    once more, so the answer holds the state before or after the removal.
+    """
+    for attempt in (0, 1):
+        try:
+            return search()
+        except FilterError as err:
+            raise ApiError("bad_filter", str(err)) from None
+        except KeyError:
+            if attempt:
+                raise
+        except Exception as err:
+            if is_db_error(err):
+                raise db_unavailable(err) from None
+            raise

@@ -59,11 +59,26 @@ class MetaRows(collections.abc.Sequence):
     """
 
     def __init__(self, rows: Iterable[Mapping[str, Any]]):
-        encoded = [json.dumps(dict(r), ensure_ascii=False, separators=(",", ":"), default=_plain).encode("utf-8")
-                   for r in rows]
+        self._pack([json.dumps(dict(r), ensure_ascii=False, separators=(",", ":"), default=_plain).encode("utf-8")
+                    for r in rows])
+
+    def _pack(self, encoded: list[bytes]) -> None:
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._blob = b"".join(encoded)
+
+    def take(self, rows: Iterable[int]) -> "MetaRows":
+        """These rows, in the order given, as new compact rows (their bytes copied, not decoded)."""
+        out, o = MetaRows(()), self._offsets.tolist()
+        out._pack([self._blob[o[r]:o[r + 1]] for r in rows])
+        return out
+
+    def concat(self, rows: Iterable[Mapping[str, Any]]) -> "MetaRows":
+        """These rows followed by ``rows`` (these copied as bytes, not decoded: an append costs the new rows)."""
+        out = MetaRows(rows)
+        out._offsets = np.concatenate([self._offsets, out._offsets[1:] + len(self._blob)])
+        out._blob = self._blob + out._blob
+        return out
 
     def __len__(self) -> int:
         return len(self._offsets) - 1

@@ -9,6 +9,11 @@ torch), so the CPU serving path stays small.
 Search results are gallery **row indices** (0 … N-1, ``-1`` where there is no
 result); ``gallery.ids[row]`` is the image id, ``gallery.meta[row]`` its row of
 metadata. Scores are cosine similarities (queries are normalised inside).
+
+The calls a live gallery needs (``where=`` filters, ``ef_search=``, ``add``, ``remove``,
+``rebuild``, ``count``) come from :class:`~cnclip_kd.retrieval.index_edits.IndexEdits`, the same
+calls :class:`~cnclip_kd.retrieval.pgvector.PgVectorGallery` answers; an index that never uses
+them behaves, and is saved, exactly as before.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.files import swap_into_place
+from .filters import parse_where
 from .gallery import Gallery
+from .index_edits import IndexEdits
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +258,8 @@ def exact_topk(emb: np.ndarray, queries: np.ndarray, k: int, chunk: int = 256) -
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
-class GalleryIndex:
-    """A FAISS inner-product index over a gallery's L2-normalised embeddings.
+class GalleryIndex(IndexEdits):
+    """A FAISS inner-product index over a gallery's L2-normalised embeddings (edits: :class:`IndexEdits`).
 
     Attributes:
         index: The CPU faiss index (what :meth:`save` writes).
@@ -276,9 +283,12 @@ class GalleryIndex:
         self.embeddings = embeddings
         self._search_index = search_index if search_index is not None else _for_search(index)
         self._row_of = {int(i): r for r, i in enumerate(gallery.ids)}
+        self._init_edits()
+
+    _gpu_copy = staticmethod(_for_search)  # what an edit re-copies to the GPU(s), when faiss sees any
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return self._live()
 
     @property
     def dim(self) -> int:
@@ -365,8 +375,8 @@ class GalleryIndex:
             times.append(time.perf_counter() - t0)
         return round(float(np.median(times)) * 1000, 4) if times else 0.0
 
-    def search(self, queries: np.ndarray, k: int = 10, *,
-               exclude_ids: Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 10, *, exclude_ids: Sequence[int | None] | np.ndarray | None = None,
+               where: Mapping[str, Any] | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest gallery items of each query.
 
         Args:
@@ -374,6 +384,9 @@ class GalleryIndex:
             k: Results per query.
             exclude_ids: One gallery **id** per query to leave out of its results (the
                 query itself in leave-one-out evaluation), or ``None`` / ``-1`` entries.
+            where: Only items whose metadata pass this filter (:mod:`cnclip_kd.retrieval.filters`),
+                e.g. ``{"label": "dress", "price": {"lt": 100}}``.
+            ef_search: HNSW candidate list for these queries (default: the index's ``efSearch``).
 
         Returns:
             ``(scores, rows)``, each ``[Q, k]``, best first: cosine similarities (float32)
@@ -384,12 +397,22 @@ class GalleryIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}; same model?")
         q = np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
+        conds = parse_where(where)
         extra = 0 if exclude_ids is None else 1
-        kk = max(1, min(k + extra, len(self)))
-        scores, rows = self._search_index.search(q, kk)
+        with self._rw.read():
+            kk = max(1, min(k + extra, len(self)))
+            if conds or ef_search or self._removed is not None:
+                scores, rows = self._search_filtered(q, kk, conds, ef_search)
+            else:
+                scores, rows = self._search_index.search(q, kk)
+            return self._finish(scores, rows, k, exclude_ids)
+
+    def _finish(self, scores: np.ndarray, rows: np.ndarray, k: int,
+                exclude_ids: Sequence[int | None] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Leave each query's own item out, cut to ``k``, pad with ``-1`` / ``-inf``."""
         if exclude_ids is not None:
-            if len(exclude_ids) != len(q):
-                raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(q)} queries")
+            if len(exclude_ids) != len(rows):
+                raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(rows)} queries")
             own = np.array([self._row_of.get(int(i), -2) if i is not None and int(i) != -1 else -2
                             for i in exclude_ids], dtype=np.int64)
             # Stable sort moves each query's own row to the end, keeping the rest in rank order.
@@ -433,6 +456,9 @@ class GalleryIndex:
         """
         import faiss
 
+        if self.removed_count:
+            raise ValueError(f"{self.removed_count} removed items are only marked in the HNSW graph; call rebuild() "
+                             "before save() so the saved index leaves them out")
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not (directory / "stats.json").is_file():
             raise FileExistsError(f"{directory} exists and is not a saved index; not replacing it")
