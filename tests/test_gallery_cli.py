@@ -117,6 +117,16 @@ def test_gallery_add_then_remove_on_a_faiss_folder(built, tmp_path, capsys):
     for path, image_id in zip(photos, new_ids):
         _, rows = index.search(_encode(built["onnx"], path), 1)
         assert int(index.gallery.ids[rows[0, 0]]) == image_id  # the new photo is found by its own image
+        assert index.gallery.image_bytes(rows[0, 0]) == path.read_bytes()  # a file row, even in an LMDB gallery
+    assert str((tmp_path / "photos").resolve()) in index.gallery.image_roots  # so the service may serve them
+    from fastapi.testclient import TestClient
+
+    from cnclip_kd.deploy.serve import create_app
+
+    with TestClient(create_app(index_dir, str(built["onnx"]), threads=1, pool_size=1)) as client:
+        assert client.get(f"/images/{new_ids[0]}").content == photos[0].read_bytes()  # the added file
+        old = client.get(f"/images/{int(index.gallery.ids[0])}")  # a row of the original gallery
+        assert old.status_code == 200 and old.content == index.gallery.image_bytes(0)
 
     rc, out, _ = _run(["gallery", "remove", str(new_ids[0]), "--index", str(index_dir)], capsys)
     assert rc == 0 and json.loads(out)["changed"] == 1

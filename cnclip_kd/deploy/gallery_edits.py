@@ -21,6 +21,7 @@ import numpy as np
 from ..core.images import BadImageError, load_image
 from ..data.dataset import DataError
 from ..data.prepare import Skipped, read_source
+from ..retrieval.gallery import image_roots_of
 from ..retrieval.index import GalleryIndex
 from ..retrieval.pgserver import EmbeddedPostgres, connect
 from ..retrieval.pgsql import FingerprintMismatchError, gallery_table
@@ -167,6 +168,8 @@ def add_photos(source: str | os.PathLike, encoder_path: str | os.PathLike, *,
         next_id = int(np.max(index.gallery.ids)) + 1 if len(index.gallery) else 0
         emb, ids, meta, skipped = encode_photos(encoder, source, next_id=next_id)
         index.add(emb, ids, meta)
+        # The service serves image files from under the roots a gallery records only: record the new photos'.
+        index.gallery.image_roots = image_roots_of(source, meta, known=index.gallery.image_roots)
         _save_edited(index, index_dir)
         return GalleryEdit(str(index_dir), ids.tolist(), len(ids), [(s.source, s.reason) for s in skipped],
                            len(index))

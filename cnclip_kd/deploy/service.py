@@ -282,10 +282,11 @@ def gallery_image_roots(gallery: Any, recorded: Sequence[str] | None = None,
     The roots the gallery records (a ``Gallery.image_roots`` attribute, else ``recorded``, relative
     ones relative to ``base``, the index folder). A gallery that records none falls back to the
     common folder of its image paths, with a warning; when that is the filesystem root, no file is
-    served. A gallery read from an LMDB serves from the LMDB only.
+    served. A gallery read from an LMDB serves from the LMDB, and files only from the roots it records
+    (rows added later by ``cnclip-kd gallery add``).
     """
     if gallery.lmdb_dir is not None:
-        return ()
+        return tuple(Path(base or ".", r).resolve() for r in getattr(gallery, "image_roots", ()))
     recorded = getattr(gallery, "image_roots", None) or recorded
     if recorded:
         return tuple(Path(base or ".", r).resolve() for r in recorded)
@@ -600,7 +601,7 @@ class SearchService:
             raise
         uploaded = (self.upload_dir is not None and isinstance(recorded_image, str)
                     and Path(recorded_image).parent == self.upload_dir)  # POST /items keeps its photo there
-        if gallery.lmdb_dir is not None and not uploaded:
+        if gallery.lmdb_dir is not None and not recorded_image:
             try:
                 with loaded.image_lock:
                     data = gallery.image_bytes(row)

@@ -140,7 +140,7 @@ class Gallery:
 
     def image_bytes(self, i: int) -> bytes:
         """The encoded image of row ``i`` (file contents, or the JPEG stored in the LMDB)."""
-        if self.lmdb_dir is not None:
+        if self.lmdb_dir is not None and not self.meta[i].get("image"):  # rows added later are files
             if self._reader is None:
                 self._reader = LmdbImages(self.lmdb_dir)
             return self._reader.get(int(self.ids[i]))
@@ -152,7 +152,7 @@ class Gallery:
         Raises:
             cnclip_kd.core.images.BadImageError: The file is missing or not a readable image.
         """
-        if self.lmdb_dir is not None:
+        if self.lmdb_dir is not None and not self.meta[i].get("image"):
             return load_image(self.image_bytes(i), name=f"{self.lmdb_dir}:{int(self.ids[i])}")
         return load_image(self.meta[i]["image"])
 
@@ -301,17 +301,18 @@ def gallery_from_source(path: str | os.PathLike, *, caption_template: str = "{la
         ids.append(image_id)
         meta.append({"id": image_id, "image": str(Path(rec.source).resolve()), "caption": rec.texts[0],
                      "label": rec.label, "product_id": rec.product_id, "split": None, "source": rec.source})
-    return Gallery(ids=np.array(ids, dtype=np.int64), meta=meta, image_roots=_image_roots(path, meta))
+    return Gallery(ids=np.array(ids, dtype=np.int64), meta=meta, image_roots=image_roots_of(path, meta))
 
 
-def _image_roots(source: str | os.PathLike, meta: Sequence[dict]) -> tuple[str, ...]:
-    """The source folder (a manifest's own folder), plus the folder of any image a manifest names outside it."""
+def image_roots_of(source: str | os.PathLike, meta: Sequence[dict], known: Sequence[str] = ()) -> tuple[str, ...]:
+    """The folders a file gallery's images come from: ``known`` ones, the source folder (a manifest's own
+    folder), and the folder of any image a manifest names outside them (outermost folders only)."""
     root = Path(source).resolve()
     root = root if root.is_dir() else root.parent
-    roots = {root}
+    roots = {root, *(Path(r) for r in known)}
     for m in meta:
         folder = Path(m["image"]).parent
-        if not folder.is_relative_to(root):
+        if not any(folder.is_relative_to(r) for r in roots):
             roots.add(folder)
     outer = [r for r in roots if not any(r != o and r.is_relative_to(o) for o in roots)]
     return tuple(sorted(str(r) for r in outer))
