@@ -481,7 +481,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="a folder the gallery's image files may be served from (repeatable; a pgvector gallery "
                         "records none)")
     p.add_argument("--upload-dir", default=None,
-                   help="where POST /items keeps uploaded photos (default: <index>/uploads, or <db folder>-uploads "
+                   help="where POST /items keeps uploaded photos (default: <index>-uploads, or <db folder>-uploads "
                         "for the embedded PostgreSQL)")
     p.add_argument("--model", required=True, help="image encoder .onnx (cnclip-kd export)")
     p.add_argument("--text-model", default=None, help="text encoder .onnx (cnclip-kd export --text-out); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -171,16 +173,27 @@ def _filters(client, photo: bytes, label: str) -> None:
 
 
 def test_faiss_filters_and_live_writes(index_dir, models, tmp_path):
-    app = create_app(index_dir, models["image"], models["text"], admin_key=ADMIN_KEY, threads=1, pool_size=2,
+    served = Path(shutil.copytree(index_dir, tmp_path / "index"))  # FAISS writes rewrite the served folder
+    n0 = len(GalleryIndex.load(served))
+    app = create_app(served, models["image"], models["text"], admin_key=ADMIN_KEY, threads=1, pool_size=2,
                      upload_dir=str(tmp_path / "uploads"))
     photo = sample_photo(3).read_bytes()
     with _client(app) as client:
-        _filters(client, photo, _labels(index_dir)[0])
+        _filters(client, photo, _labels(served)[0])
         _write_cycle(client, "live-new-label")
         before = client.get("/healthz").json()["index_size"]
         assert _add(client, photo, id=123456, title="a").json()["id"] == 123456
         assert _add(client, photo, id=123456, title="b").status_code == 200  # same id again: replaced
         assert client.get("/healthz").json()["index_size"] == before + 1
+    # Written through: the folder on disk holds the acknowledged item, once, and not the removed one.
+    on_disk = GalleryIndex.load(served)
+    ids = on_disk.gallery.ids.tolist()
+    assert len(on_disk) == n0 + 1 and ids.count(123456) == 1
+    assert on_disk.gallery.meta[on_disk.gallery.row_of(123456)]["caption"] == "b"
+    with _client(create_app(served, models["image"], threads=1, pool_size=1,
+                            upload_dir=str(tmp_path / "uploads"))) as restarted:
+        assert _search(restarted, photo, k=1).json()["results"][0]["id"] == 123456
+        assert restarted.get("/images/123456").content == photo
         assert client.post("/items", files={"image": ("x.txt", b"hello", "text/plain")},
                            headers=ADMIN).json()["error"]["code"] == "unsupported_type"
         assert _add(client, photo, attributes="[1]").json()["error"]["code"] == "bad_request"

@@ -117,8 +117,11 @@ def encode_photos(encoder, source: str | os.PathLike, *, next_id: int, batch_siz
     return emb, np.asarray(ids, dtype=np.int64), meta, skipped
 
 
-def _save_edited(index: GalleryIndex, index_dir: Path) -> None:
-    """Write an edited index back over its folder atomically, keeping the folder's other files."""
+def save_edited_index(index: GalleryIndex, index_dir: Path) -> None:
+    """Write an edited index back over its folder atomically, keeping the folder's other files.
+
+    An HNSW index with marked removals is rebuilt first (FAISS's HNSW cannot delete in place).
+    """
     if index.removed_count:
         index.rebuild()
     extra = {}
@@ -170,7 +173,7 @@ def add_photos(source: str | os.PathLike, encoder_path: str | os.PathLike, *,
         index.add(emb, ids, meta)
         # The service serves image files from under the roots a gallery records only: record the new photos'.
         index.gallery.image_roots = image_roots_of(source, meta, known=index.gallery.image_roots)
-        _save_edited(index, index_dir)
+        save_edited_index(index, index_dir)
         return GalleryEdit(str(index_dir), ids.tolist(), len(ids), [(s.source, s.reason) for s in skipped],
                            len(index))
     server = EmbeddedPostgres(db)
@@ -211,7 +214,7 @@ def remove_items(ids: Sequence[int], *, index_dir: str | os.PathLike | None = No
         index = GalleryIndex.load(index_dir)
         removed = index.remove(wanted)
         if removed:
-            _save_edited(index, index_dir)
+            save_edited_index(index, index_dir)
         return GalleryEdit(str(index_dir), wanted, removed, [], len(index) - index.removed_count)
     server = EmbeddedPostgres(db)
     url = server.start()

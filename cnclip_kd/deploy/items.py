@@ -7,9 +7,11 @@
   write it, or remove an item. On a pgvector gallery each write is one transaction: once the
   answer is sent the next query sees it (a removed item never comes back), and a write that
   carries its own ``id`` may be retried without duplicating anything. On a FAISS index the
-  write goes to the index in memory (flat / IVF in place, HNSW marks removals): it is served at
-  once but **lives in memory only** until the index folder is rewritten (``cnclip-kd index``,
-  notebook 03); a restart or a reload of the folder forgets it.
+  write goes to the index in memory (flat / IVF in place, HNSW marks removals) and is then
+  written through: the index folder is rewritten atomically (built beside it, renamed into
+  place; an HNSW index with removals is rebuilt first) before the answer is sent, so a restart
+  or a reload keeps it. That costs a whole-folder write per item: for a gallery that changes
+  often, use pgvector.
 
 The uploaded photo is kept as ``<upload_dir>/<id>.<ext>`` (written to a temporary file, flushed and
 renamed before the item is written), so ``/images/{id}`` serves it from an image root like any
@@ -31,6 +33,7 @@ import numpy as np
 
 from ..core.images import BadImageError, TooManyPixelsError
 from .backends import encoder_fingerprint
+from .gallery_edits import save_edited_index
 from .service import (
     ApiError,
     LoadedIndex,
@@ -189,6 +192,7 @@ class ItemWriter:
             else:
                 meta = {**item["attributes"], "caption": item["title"], "label": item["label"], "image": image}
                 index.add(embedding, [item_id], meta=[meta])
+                save_edited_index(index, loaded.index_dir)  # acknowledged only once it is on disk
         except ApiError:
             raise
         except ValueError as err:
@@ -208,6 +212,8 @@ class ItemWriter:
         with self._lock:
             try:
                 removed = index.remove([item_id])
+                if removed and not service_is_live(self.service):
+                    save_edited_index(index, loaded.index_dir)  # a removed item stays removed after a restart
             except Exception as err:
                 if is_db_error(err):
                     raise db_unavailable(err) from None

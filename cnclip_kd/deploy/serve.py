@@ -552,7 +552,7 @@ def create_app(index_dir: str | os.PathLike | None = None, encoder: Any = None, 
             ``index_dir`` (leave that ``None``).
         gallery: The pgvector gallery's name.
         image_roots: Folders a pgvector gallery's images may be served from.
-        upload_dir: Where ``POST /items`` keeps uploaded photos (default ``<index_dir>/uploads``).
+        upload_dir: Where ``POST /items`` keeps uploaded photos (default ``<index_dir>-uploads``).
 
     Returns:
         A FastAPI application; ``app.state.service`` is its :class:`SearchService`.

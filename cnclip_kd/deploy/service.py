@@ -394,7 +394,7 @@ class SearchService:
             (``index_dir`` is then ``None``); ``gallery`` names it.
         gallery: The pgvector gallery's name (with ``db_url``).
         image_roots: Folders the images of a pgvector gallery may be served from (besides ``upload_dir``).
-        upload_dir: Where ``POST /items`` keeps the uploaded photos (default: ``<index_dir>/uploads``; a
+        upload_dir: Where ``POST /items`` keeps the uploaded photos (default: ``<index_dir>-uploads``; a
             pgvector gallery without one keeps no photo, so ``/images`` answers 404 for its new items).
     """
 
@@ -422,7 +422,9 @@ class SearchService:
         self.index_dir = Path(index_dir).resolve() if index_dir is not None else None
         root = index_root or (self.index_dir.parent if self.index_dir is not None else None)
         self.index_root = Path(root).resolve() if root else None
-        default_uploads = self.index_dir / "uploads" if self.index_dir is not None else None
+        # Beside the index folder, not in it: a FAISS write rewrites that folder as a whole (atomically).
+        served = Path(self.index_dir).resolve() if self.index_dir is not None else None
+        default_uploads = served.with_name(served.name + "-uploads") if served is not None else None
         self.upload_dir = Path(upload_dir).resolve() if upload_dir else default_uploads
         self.extra_roots = tuple(Path(r).resolve() for r in image_roots)
         # Paths are opened once; a reload pairs the same sessions with the new index.
