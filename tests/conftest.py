@@ -52,6 +52,14 @@ def checkpoint(runs):
     return runs / "runs" / "tiny-finetune" / "checkpoints" / "epoch_latest.pt"
 
 
+@pytest.fixture(scope="module")
+def onnx_towers(checkpoint, tmp_path_factory) -> dict:
+    """The tiny student's image and text towers in ONNX (fp32), exported once per session (read-only)."""
+    from demo_fixtures import export_towers
+
+    return export_towers(checkpoint, tmp_path_factory)
+
+
 @pytest.fixture
 def output_dir(tmp_path_factory, tmp_path):
     """A private copy of the shared output folder (runs/tiny-finetune, runs/tiny-kd-cosine; no index yet)."""

@@ -83,6 +83,19 @@ def build_saved_index(checkpoint: str | Path, data_dir: str | Path, index_dir: s
     return Path(index_dir)
 
 
+def export_towers(checkpoint: str | Path, tmp_path_factory) -> dict:
+    """The checkpoint's image and text towers exported to ONNX (fp32), once per session: ``{"image", "text"}`` paths."""
+    key = _key(tmp_path_factory, "towers", checkpoint)
+    if key not in _CACHE:
+        from cnclip_kd.deploy.export import export_onnx, export_text_onnx
+
+        out = tmp_path_factory.mktemp("onnx-towers")
+        image = export_onnx(checkpoint, out / "image_encoder.onnx", quantize=False, max_images=8, threads=1)["onnx"]
+        text = export_text_onnx(checkpoint, out / "text_encoder.onnx", quantize=False, max_images=8, threads=1)["onnx"]
+        _CACHE[key] = {"image": str(image), "text": str(text)}
+    return dict(_CACHE[key])
+
+
 def demo_output(tmp_path_factory) -> Path:
     """An output folder as notebook 02 leaves it: ``runs/`` with the :data:`DEMO_RUNS` students.
 

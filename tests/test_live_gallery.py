@@ -42,14 +42,9 @@ ADMIN = {"X-API-Key": ADMIN_KEY}
 
 
 @pytest.fixture(scope="module")
-def models(checkpoint, tmp_path_factory) -> dict:
-    """The tiny student's image and text towers in ONNX (fp32)."""
-    from cnclip_kd.deploy.export import export_onnx, export_text_onnx
-
-    out = tmp_path_factory.mktemp("live-models")
-    image = export_onnx(checkpoint, out / "image_encoder.onnx", quantize=False, max_images=8, threads=1)["onnx"]
-    text = export_text_onnx(checkpoint, out / "text_encoder.onnx", quantize=False, max_images=8, threads=1)["onnx"]
-    return {"image": str(image), "text": str(text)}
+def models(onnx_towers) -> dict:
+    """The tiny student's image and text towers in ONNX (fp32; shared, read-only)."""
+    return onnx_towers
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, data_dir, tmp_path_factory):
-    from cnclip_kd.deploy.export import export_onnx, export_text_onnx
-
-    out = tmp_path_factory.mktemp("page")
-    image = export_onnx(checkpoint, out / "image.onnx", quantize=False, max_images=8, threads=1)["onnx"]
-    text = export_text_onnx(checkpoint, out / "text.onnx", quantize=False, max_images=8, threads=1)["onnx"]
-    index_dir = build_saved_index(checkpoint, data_dir, out / "index")
-    with BackgroundServer(index_dir, image, text, api_key=API_KEY, threads=1, pool_size=2) as running:
+def server(checkpoint, data_dir, onnx_towers, tmp_path_factory):
+    index_dir = build_saved_index(checkpoint, data_dir, tmp_path_factory.mktemp("page") / "index")
+    with BackgroundServer(index_dir, onnx_towers["image"], onnx_towers["text"], api_key=API_KEY, threads=1,
+                          pool_size=2) as running:
         yield running, GalleryIndex.load(index_dir)
 
 
