@@ -54,28 +54,15 @@ def _image_only_spec(spec: str) -> bool:
     return is_image_teacher(str(spec)[len("teacher:"):])
 
 
-class _Filtered:
-    """An index whose ``search`` passes a ``where`` filter on (everything else reads the index itself)."""
-
-    def __init__(self, index: Any, where: Mapping[str, Any]):
-        self._index, self._where = index, where
-
-    def search(self, queries: np.ndarray, k: int = 10, **kwargs: Any):
-        return self._index.search(queries, k, where=self._where, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._index, name)
-
-
-def _filtered(index: Any, where: Mapping[str, Any] | None) -> Any:
-    """``index``, or one that searches only the items ``where`` keeps (checked here, before any encoding).
+def _check_where(where: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``where`` if it is a usable filter (checked here, before any decoding or encoding), else ``None``.
 
     Raises:
         cnclip_kd.retrieval.filters.FilterError: A bad filter (names the key, operator or value).
     """
     from ..retrieval.filters import parse_where
 
-    return _Filtered(index, where) if parse_where(where) else index
+    return where if parse_where(where) else None
 
 
 class Retriever:
@@ -308,9 +295,10 @@ class Retriever:
             BadImageError: Empty, truncated, not an image, or too large.
             cnclip_kd.retrieval.filters.FilterError: A bad filter (before the image is decoded).
         """
-        index = _filtered(self.index, where)
+        where = _check_where(where)
         encoder = self.encoder  # loaded here on first use, outside the timings
-        return search_image_query(index, image, k, prepare=self.pixels, encode=lambda x: encoder.encode(x[None]))
+        return search_image_query(self.index, image, k, prepare=self.pixels, encode=lambda x: encoder.encode(x[None]),
+                                  where=where)
 
     def search_text(self, text: str, k: int = 10, *, where: Mapping[str, Any] | None = None) -> SearchResult:
         """The ``k`` gallery images that best match a text query (text → image).
@@ -335,7 +323,7 @@ class Retriever:
             cnclip_kd.core.tokenizer.NoTextTowerError: The index's model has no text tower (names it).
             cnclip_kd.retrieval.filters.FilterError: A bad filter (before the text is encoded).
         """
-        return search_text_query(_filtered(self.index, where), text, k, lambda: self.text_encoder)
+        return search_text_query(self.index, text, k, lambda: self.text_encoder, where=_check_where(where))
 
     def __repr__(self) -> str:
         text = _text_backend_name(self._text_encoder) if self._text_encoder is not None else "on first text query"

@@ -148,7 +148,8 @@ class SearchResult:
 
 
 def search_embedding(index: GalleryIndex, embedding: np.ndarray, k: int, *, exclude_id: int | None = None,
-                     timings: Mapping[str, float] | None = None, query: dict | None = None) -> SearchResult:
+                     timings: Mapping[str, float] | None = None, query: dict | None = None,
+                     where: Mapping[str, Any] | None = None) -> SearchResult:
     """Search one query embedding in an index: the last step of every query.
 
     Args:
@@ -158,16 +159,19 @@ def search_embedding(index: GalleryIndex, embedding: np.ndarray, k: int, *, excl
         exclude_id: A gallery id to leave out of the results (the query image itself).
         timings: ``decode`` and ``encode`` milliseconds spent before (default 0).
         query: What :attr:`SearchResult.query` holds (a text query's facts).
+        where: Only items this filter keeps (:mod:`cnclip_kd.retrieval.filters`), passed to the index.
 
     Returns:
         The :class:`SearchResult`, missing results (``-1`` rows) dropped, with ``search`` and
         ``total`` added to the timings.
     """
+    options: dict[str, Any] = {}
+    if exclude_id is not None:
+        options["exclude_ids"] = [exclude_id]
+    if where:
+        options["where"] = where
     t0 = time.perf_counter()
-    if exclude_id is None:
-        scores, rows = index.search(embedding, k)
-    else:
-        scores, rows = index.search(embedding, k, exclude_ids=[exclude_id])
+    scores, rows = index.search(embedding, k, **options)
     search_ms = (time.perf_counter() - t0) * 1e3
     keep = rows[0] >= 0
     scores, rows = scores[0][keep], rows[0][keep]
@@ -180,7 +184,8 @@ def search_embedding(index: GalleryIndex, embedding: np.ndarray, k: int, *, excl
 
 
 def search_image_query(index: GalleryIndex, image: Any, k: int, *, prepare: Callable[[Any], Any],
-                       encode: Callable[[Any], np.ndarray], exclude_id: int | None = None) -> SearchResult:
+                       encode: Callable[[Any], np.ndarray], exclude_id: int | None = None,
+                       where: Mapping[str, Any] | None = None) -> SearchResult:
     """An image query, end to end: ``prepare`` (decode), ``encode``, search; each step timed.
 
     Args:
@@ -192,6 +197,7 @@ def search_image_query(index: GalleryIndex, image: Any, k: int, *, prepare: Call
         encode: That input → ``[1, D]`` embedding; timed as ``encode``. Load the encoder before
             calling, so that loading is not timed.
         exclude_id: A gallery id to leave out of the results.
+        where: Only items this filter keeps (:func:`search_embedding`).
 
     Raises:
         BadImageError: From ``prepare``: the input is not a usable image.
@@ -201,7 +207,7 @@ def search_image_query(index: GalleryIndex, image: Any, k: int, *, prepare: Call
     t1 = time.perf_counter()
     emb = encode(x)
     t2 = time.perf_counter()
-    return search_embedding(index, emb, k, exclude_id=exclude_id,
+    return search_embedding(index, emb, k, exclude_id=exclude_id, where=where,
                             timings={"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3})
 
 
@@ -245,7 +251,8 @@ def encode_text_query(encoder: Any, text: object) -> tuple[np.ndarray, dict, dic
     return emb, info, {"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
 
 
-def search_text_query(index: GalleryIndex, text: object, k: int, text_encoder: Callable[[], Any]) -> SearchResult:
+def search_text_query(index: GalleryIndex, text: object, k: int, text_encoder: Callable[[], Any], *,
+                      where: Mapping[str, Any] | None = None) -> SearchResult:
     """A text query, end to end (text → image): checked, then encoded (:func:`encode_text_query`) and searched.
 
     Args:
@@ -254,6 +261,7 @@ def search_text_query(index: GalleryIndex, text: object, k: int, text_encoder: C
         k: Results wanted.
         text_encoder: Returns the text encoder (loading it on first use); called only once the
             query passed its checks, and outside the timings.
+        where: Only items this filter keeps (:func:`search_embedding`).
 
     Returns:
         The :class:`SearchResult`, ``query`` set (``text``, ``truncated``, ``n_tokens``, ``context_length``).
@@ -265,7 +273,7 @@ def search_text_query(index: GalleryIndex, text: object, k: int, text_encoder: C
     check_query(text)  # a bad query is refused before a model is loaded for it
     encoder = text_encoder()
     emb, info, timings = encode_text_query(encoder, text)
-    return search_embedding(index, emb, k, timings=timings, query=info)
+    return search_embedding(index, emb, k, timings=timings, query=info, where=where)
 
 
 def results_markdown(results: Sequence[Mapping[str, Any]]) -> str:
