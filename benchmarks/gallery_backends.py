@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--filtered-queries", type=int, default=100, help="of those, queries per filtered setting")
     ap.add_argument("--inserts", type=int, default=2000, help="items added to the live, indexed gallery")
     ap.add_argument("--insert-batch", type=int, default=500, help="items per add() call (one transaction)")
-    ap.add_argument("--ef-search", default="40,64,100", help="pgvector ef_search values to time, comma-separated")
+    ap.add_argument("--ef-search", default="40,64,100,200", help="pgvector ef_search values to time, comma-separated")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="faiss OpenMP threads")
     ap.add_argument("--pg-dir", default=None, help="folder of the embedded PostgreSQL (default: a temp folder)")
     ap.add_argument("--pg-url", default=None, help="use this postgresql:// server instead of the embedded one")
@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     rows = []
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gallery_backends-", dir=args.work_dir) as tmp:
         work = Path(tmp)
         server = None if args.pg_url else EmbeddedPostgres(args.pg_dir or work / "pg")

@@ -196,6 +196,43 @@ def test_faiss_filters_and_live_writes(index_dir, models, tmp_path):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/search" in page.text
 
 
+def _hnsw_copy(index_dir, folder: Path) -> Path:
+    """The saved index's items in an HNSW index of their own, saved to ``folder``."""
+    flat = GalleryIndex.load(index_dir)
+    hnsw = GalleryIndex.build(np.asarray(flat.embeddings), flat.gallery, kind="hnsw", recall_sample=50)
+    hnsw.stats["model"] = flat.stats["model"]
+    return hnsw.save(folder)
+
+
+def test_an_hnsw_removal_is_saved_at_once_and_rebuilt_in_the_background(index_dir, models, tmp_path):
+    served = _hnsw_copy(index_dir, tmp_path / "hnsw")
+    n0 = len(GalleryIndex.load(served))
+    app = create_app(served, models["image"], admin_key=ADMIN_KEY, threads=1, pool_size=2)
+    photo = sample_photo(3).read_bytes()
+    with _client(app) as client:
+        victim = _search(client, photo, k=1).json()["results"][0]["id"]
+        assert client.delete(f"/items/{victim}", headers=ADMIN).status_code == 200
+        assert victim not in [r["id"] for r in _search(client, photo, k=20).json()["results"]]
+        index = app.state.service.current.retriever.index
+        deadline = time.monotonic() + 120
+        while index.rebuilding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not index.rebuilding and index.removed_count == 0 and len(index) == n0 - 1
+        assert victim not in [r["id"] for r in _search(client, photo, k=20).json()["results"]]
+    on_disk = GalleryIndex.load(served)  # the rebuilt graph was saved: no marks left, the item gone
+    assert on_disk.removed_count == 0 and on_disk.index.ntotal == n0 - 1 and victim not in on_disk.gallery.ids
+
+
+def _p_at_10(client, photos: list[Path]) -> tuple[float, list[list[int]]]:
+    """Mean share of each photo's top 10 in the photo's own category (its folder), and the ids returned."""
+    shares, ids = [], []
+    for path in photos:
+        hits = _search(client, path.read_bytes(), k=10).json()["results"]
+        shares.append(np.mean([h["label"] == path.parent.name for h in hits]))
+        ids.append([h["id"] for h in hits])
+    return float(np.mean(shares)), ids
+
+
 # --------------------------------------------------------------------------- pgvector
 
 
@@ -216,6 +253,21 @@ def test_pgvector_service_filters_writes_and_images(pg, index_dir, models, tmp_p
         _filters(client, photo, _labels(index_dir)[0])
         _write_cycle(client, "live-new-label")
     app.state.service.close()
+
+
+def test_the_service_gives_the_same_p_at_10_on_both_back_ends(pg, index_dir, models):
+    name = _pg_gallery(pg, index_dir)
+    photos = sorted(PHOTOS.rglob("*.jpg"))[::15]  # 40 photos over all ten categories
+    faiss_app = create_app(index_dir, models["image"], threads=1, pool_size=1)
+    pg_app = create_app(None, models["image"], db_url=pg.url, gallery=name, threads=1, pool_size=1)
+    with _client(faiss_app) as faiss_client, _client(pg_app) as pg_client:
+        p_faiss, ids_faiss = _p_at_10(faiss_client, photos)
+        p_pg, ids_pg = _p_at_10(pg_client, photos)
+    pg_app.state.service.close()
+    assert len({p.parent.name for p in photos}) == 10 and p_faiss > 0  # labels are the category folders' names
+    assert p_pg == pytest.approx(p_faiss, abs=0.02)  # within pgvector HNSW's recall
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_faiss, ids_pg)])
+    assert overlap >= 0.95
 
 
 def test_another_encoders_gallery_is_refused(pg, index_dir, models):

@@ -432,8 +432,12 @@ def test_faiss_hnsw_marks_removals_until_rebuild(tmp_path):
     assert 0 not in rows and 1 not in rows and -1 not in rows
     with pytest.raises(KeyError):
         index.gallery.row_of(100)
-    with pytest.raises(ValueError, match="call rebuild"):
-        index.save(tmp_path / "idx")
+    index.save(tmp_path / "marked")  # the marks are saved: still removed after a load
+    marked = GalleryIndex.load(tmp_path / "marked")
+    assert marked.removed_count == 2 and len(marked) == 1198
+    _, rows = marked.search(emb[:2], 10, ef_search=200)
+    assert 0 not in rows and 1 not in rows and -1 not in rows
+    assert marked.add(emb[:1], [100]).tolist() == [100] and len(marked) == 1199
     index.add(emb[:1], [100])  # a removed id may come back
     assert index.gallery.ids[index.search(emb[:1], 1)[1][0, 0]] == 100
     index.rebuild(recall_sample=50)
@@ -441,6 +445,43 @@ def test_faiss_hnsw_marks_removals_until_rebuild(tmp_path):
     assert index.stats["recall@10"] > 0.9
     index.save(tmp_path / "idx")
     assert len(GalleryIndex.load(tmp_path / "idx")) == 1199
+
+
+def test_background_rebuild_carries_over_the_edits_made_during_it(monkeypatch):
+    emb, gallery = _faiss_gallery(1500)
+    index = GalleryIndex.build(emb, gallery, kind="hnsw", recall_sample=50)
+    index.remove(np.arange(200, 210))  # rows 100..109
+    building, release = threading.Event(), threading.Event()
+    real_build = GalleryIndex.build.__func__
+
+    def slow_build(cls, *args, **kwargs):
+        building.set()
+        assert release.wait(60), "the test never released the build"
+        return real_build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(GalleryIndex, "build", classmethod(slow_build))
+    saved = []
+    thread = index.rebuild_in_background(on_done=lambda ix: saved.append(len(ix)), recall_sample=50)
+    assert building.wait(60) and index.rebuilding
+    new = _clustered(5, seed=77)
+    edits = threading.Thread(target=lambda: (index.add(new, np.arange(9000, 9005)), index.remove([105, 106, 9004]),
+                                             index.add(emb[100:101], [200])))
+    edits.start()
+    edits.join(30)  # edits go on while the graph builds: they never wait for it
+    assert not edits.is_alive()
+    _, rows = index.search(new[:1], 1)
+    assert index.gallery.ids[rows[0, 0]] == 9000
+    monkeypatch.setattr(GalleryIndex, "build", classmethod(real_build))  # the catch-up rebuild runs at full speed
+    release.set()
+    thread.join(120)
+    assert not thread.is_alive() and not index.rebuilding and saved
+    want = (set(range(100, 1600)) - set(range(201, 210)) - {105, 106}) | {9000, 9001, 9002, 9003}
+    assert index.removed_count == 0 and index.index.ntotal == len(index) == len(want)
+    assert set(index.gallery.ids.tolist()) == want
+    _, rows = index.search(np.concatenate([new[:4], emb[[100]]]), 1)
+    assert index.gallery.ids[rows[:, 0]].tolist() == [9000, 9001, 9002, 9003, 200]
+    _, rows = index.search(emb[[5, 6]], 20, ef_search=200)
+    assert not {105, 106} & set(index.gallery.ids[rows[rows >= 0]].tolist())
 
 
 def test_faiss_searches_run_while_another_thread_edits():
@@ -515,3 +556,26 @@ def test_metadata_rows_are_taken_and_appended_as_bytes():
     both = rows.concat([{"id": 9, "label": "新"}])
     assert len(both) == 6 and both[5] == {"id": 9, "label": "新"} and both[:5] == list(rows) and len(rows) == 5
     assert both.take(range(6)) == both
+    # Appends share one growing buffer; a row set appended to twice (a branch) still reads its own rows.
+    more = both.concat([{"id": 10}])
+    other = both.concat([{"id": 11, "label": "另"}])
+    assert [r["id"] for r in more] == [0, 1, 2, 3, 4, 9, 10] and [r["id"] for r in other][-2:] == [9, 11]
+    assert list(both) == list(rows) + [{"id": 9, "label": "新"}] and more != other and more == more.take(range(7))
+
+
+def test_adds_append_embeddings_without_changing_what_readers_hold():
+    emb, gallery = _faiss_gallery(300)
+    index = GalleryIndex.build(emb, gallery, kind="flat")
+    held = index.embeddings
+    first, second = _clustered(3, seed=40), _clustered(2, seed=41)
+    index.add(first, [5000, 5001, 5002])
+    after_first = index.embeddings
+    index.add(second, [6000, 6001])
+    assert np.array_equal(held, emb) and len(held) == 300  # an earlier view is never changed
+    assert np.allclose(after_first, np.concatenate([emb, first]), atol=1e-6)  # (normalised again on add)
+    assert np.allclose(index.embeddings, np.concatenate([emb, first, second]), atol=1e-6)
+    assert np.shares_memory(after_first, index.embeddings)  # the second add wrote into room left by the first
+    index.remove([5001])  # flat deletes and compacts; later adds start a new buffer
+    index.add(first[1:2], [5001])
+    assert index.gallery.ids[index.search(first[1:2], 1)[1][0, 0]] == 5001
+    assert np.allclose(index.embeddings[index.gallery.row_of(5001)], first[1], atol=1e-6)

@@ -117,12 +117,17 @@ def encode_photos(encoder, source: str | os.PathLike, *, next_id: int, batch_siz
     return emb, np.asarray(ids, dtype=np.int64), meta, skipped
 
 
-def save_edited_index(index: GalleryIndex, index_dir: Path) -> None:
+def save_edited_index(index: GalleryIndex, index_dir: Path, *, rebuild: bool = True) -> None:
     """Write an edited index back over its folder atomically, keeping the folder's other files.
 
-    An HNSW index with marked removals is rebuilt first (FAISS's HNSW cannot delete in place).
+    Args:
+        index: The edited index.
+        index_dir: Its folder.
+        rebuild: Rebuild an HNSW index with marked removals first (FAISS's HNSW cannot delete in
+            place). Without, the marks are saved and stay out of results after a load; the service
+            saves so and rebuilds in the background.
     """
-    if index.removed_count:
+    if rebuild and index.removed_count:
         index.rebuild()
     extra = {}
     for path in index_dir.iterdir():

@@ -9,9 +9,10 @@
   carries its own ``id`` may be retried without duplicating anything. On a FAISS index the
   write goes to the index in memory (flat / IVF in place, HNSW marks removals) and is then
   written through: the index folder is rewritten atomically (built beside it, renamed into
-  place; an HNSW index with removals is rebuilt first) before the answer is sent, so a restart
-  or a reload keeps it. That costs a whole-folder write per item: for a gallery that changes
-  often, use pgvector.
+  place; an HNSW index keeps its removals marked) before the answer is sent, so a restart or a
+  reload keeps it. An HNSW removal then starts a rebuild of the graph in a background thread:
+  queries and writes go on meanwhile, and the rebuilt index is swapped in and saved. That costs
+  a whole-folder write per item: for a gallery that changes often, use pgvector.
 
 The uploaded photo is kept as ``<upload_dir>/<id>.<ext>`` (written to a temporary file, flushed and
 renamed before the item is written), so ``/images/{id}`` serves it from an image root like any
@@ -192,7 +193,7 @@ class ItemWriter:
             else:
                 meta = {**item["attributes"], "caption": item["title"], "label": item["label"], "image": image}
                 index.add(embedding, [item_id], meta=[meta])
-                save_edited_index(index, loaded.index_dir)  # acknowledged only once it is on disk
+                save_edited_index(index, loaded.index_dir, rebuild=False)  # acknowledged only once it is on disk
         except ApiError:
             raise
         except ValueError as err:
@@ -213,7 +214,11 @@ class ItemWriter:
             try:
                 removed = index.remove([item_id])
                 if removed and not service_is_live(self.service):
-                    save_edited_index(index, loaded.index_dir)  # a removed item stays removed after a restart
+                    # On disk at once (HNSW: marked), so it stays removed after a restart; the graph is
+                    # rebuilt without it in the background and saved again.
+                    save_edited_index(index, loaded.index_dir, rebuild=False)
+                    if index.removed_count:
+                        index.rebuild_in_background(on_done=lambda rebuilt: self._save_rebuilt(rebuilt, loaded))
             except Exception as err:
                 if is_db_error(err):
                     raise db_unavailable(err) from None
@@ -222,6 +227,13 @@ class ItemWriter:
             raise ApiError("not_found", f"no item with id {item_id} in the gallery")
         logger.info("item %d removed", item_id)
         return {"removed": [item_id], "index_version": loaded.version}
+
+
+    def _save_rebuilt(self, index: Any, loaded: LoadedIndex) -> None:
+        """After a background rebuild: write the rebuilt index over its folder (between writes)."""
+        with self._lock:
+            save_edited_index(index, loaded.index_dir, rebuild=False)
+        logger.info("index %s rebuilt in the background and saved (%d live items)", loaded.index_dir, len(index))
 
 
 def service_is_live(service: Any) -> bool:

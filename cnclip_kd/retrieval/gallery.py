@@ -74,10 +74,17 @@ class MetaRows(collections.abc.Sequence):
         return out
 
     def concat(self, rows: Iterable[Mapping[str, Any]]) -> "MetaRows":
-        """These rows followed by ``rows`` (these copied as bytes, not decoded: an append costs the new rows)."""
+        """These rows followed by ``rows`` (these kept as bytes, not decoded: an append costs the new rows).
+
+        The bytes go on the end of one shared, append-only buffer when these rows end it (a gallery
+        that only grows), so earlier row sets stay valid and nothing is copied; else they are copied.
+        """
         out = MetaRows(rows)
-        out._offsets = np.concatenate([self._offsets, out._offsets[1:] + len(self._blob)])
-        out._blob = self._blob + out._blob
+        end = int(self._offsets[-1])
+        blob = self._blob if isinstance(self._blob, bytearray) and len(self._blob) == end else bytearray(self._blob[:end])
+        out._offsets = np.concatenate([self._offsets, out._offsets[1:] + end])
+        blob += out._blob
+        out._blob = blob
         return out
 
     def __len__(self) -> int:
@@ -95,13 +102,14 @@ class MetaRows(collections.abc.Sequence):
 
     def __eq__(self, other) -> bool:
         if isinstance(other, MetaRows):
-            return self._blob == other._blob and np.array_equal(self._offsets, other._offsets)
+            return (np.array_equal(self._offsets, other._offsets)
+                    and self._blob[:self._offsets[-1]] == other._blob[:other._offsets[-1]])
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # mutable-looking container semantics: not hashable
 
     def __repr__(self) -> str:
-        return f"MetaRows({len(self)} rows, {len(self._blob) / 2 ** 20:.1f} MB)"
+        return f"MetaRows({len(self)} rows, {int(self._offsets[-1]) / 2 ** 20:.1f} MB)"
 
 
 @dataclass(eq=False)

@@ -282,7 +282,7 @@ class GalleryIndex(IndexEdits):
         self.stats = dict(stats)
         self.embeddings = embeddings
         self._search_index = search_index if search_index is not None else _for_search(index)
-        self._row_of = {int(i): r for r, i in enumerate(gallery.ids)}
+        self._row_of = {int(i): r for r, i in enumerate(gallery.ids) if i >= 0}  # < 0: marked removed (HNSW)
         self._init_edits()
 
     _gpu_copy = staticmethod(_for_search)  # what an edit re-copies to the GPU(s), when faiss sees any
@@ -450,15 +450,14 @@ class GalleryIndex(IndexEdits):
         label, product id table and where the images are), ``stats.json`` and
         ``embeddings.npy``, plus ``extra_files`` (name → text, e.g. the text-retrieval
         predictions of :func:`cnclip_kd.retrieval.evaluate.index_model`), all in the same atomic swap.
+        An HNSW index with removals not yet rebuilt keeps them marked (their ids are ``-2 - row``
+        in ``ids.npy``), and :meth:`load` leaves them out of every result as before.
 
         Raises:
             FileExistsError: ``directory`` exists, is not empty and is not a saved index.
         """
         import faiss
 
-        if self.removed_count:
-            raise ValueError(f"{self.removed_count} removed items are only marked in the HNSW graph; call rebuild() "
-                             "before save() so the saved index leaves them out")
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not (directory / "stats.json").is_file():
             raise FileExistsError(f"{directory} exists and is not a saved index; not replacing it")

@@ -12,7 +12,9 @@
   so rows stay gallery rows. An id added again replaces its old row (nothing is duplicated).
 * HNSW cannot delete: removed rows are marked and filtered out of every result until
   ``rebuild()``, which builds a fresh index of the live rows and swaps it in. A marked row's id is
-  freed at once (the gallery holds ``-2 - row`` there), so the id may be added again.
+  freed at once (the gallery holds ``-2 - row`` there), so the id may be added again; a saved
+  index keeps its marks. ``rebuild_in_background()`` runs the rebuild in a thread (the service
+  does so after each removal), and edits made during it are carried over before the swap.
 
 Searches and edits may come from different threads: searches share a read lock, an edit takes
 the write lock for the moment it changes the index, and ``rebuild`` builds beside the old index.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .filters import Condition, canonical, match_mask, parse_where
-from .gallery import MetaRows
+from .index_rebuild import IndexRebuild, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +143,7 @@ def _top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def _rows(meta) -> MetaRows:
-    return meta if isinstance(meta, MetaRows) else MetaRows(meta)
-
-
-class IndexEdits:
+class IndexEdits(IndexRebuild):
     """``add``, ``remove``, ``rebuild``, ``count`` and filtered search for :class:`GalleryIndex` (a mixin).
 
     Attributes:
@@ -167,6 +164,12 @@ class IndexEdits:
         self._columns: dict[str, list] = {}
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
         self.exact_below, self.exact_rows = DEFAULT_EXACT_BELOW, DEFAULT_EXACT_ROWS
+        self._init_rebuild()
+        self._emb_buf: np.ndarray | None = None  # room for added embeddings (see _appended_embeddings)
+        self._emb_view: np.ndarray | None = None
+        marked = np.asarray(self.gallery.ids) < 0  # a saved HNSW index keeps its marks (ids -2 - row)
+        if marked.any():
+            self._removed = marked
 
     @property
     def removed_count(self) -> int:
@@ -319,15 +322,31 @@ class IndexEdits:
                     self.index.add(emb)
                 gallery = self.gallery
                 self.gallery = dataclasses.replace(gallery, ids=np.concatenate([gallery.ids, id_arr]),
-                                                   meta=_rows(gallery.meta).concat(rows_meta), _reader=None)
+                                                   meta=rows_of(gallery.meta).concat(rows_meta), _reader=None)
                 if self.embeddings is not None:
-                    self.embeddings = np.concatenate([np.asarray(self.embeddings, np.float32), emb])
+                    self.embeddings = self._appended_embeddings(emb)
                 if self._removed is not None:
                     self._removed = np.concatenate([self._removed, np.zeros(len(emb), bool)])
                 self._row_of.update({int(i): n0 + j for j, i in enumerate(id_arr)})
                 self._edited(added=len(emb))
         logger.info("index: %d items added (%d replaced), %d live", len(id_arr), len(again), self._live())
         return id_arr
+
+    def _appended_embeddings(self, emb: np.ndarray) -> np.ndarray:
+        """The embeddings with ``emb`` appended, in a buffer with room to spare (call under the write lock).
+
+        Copying a million rows (2 GB) on every add made adds cost the gallery's size; the buffer grows
+        by a quarter when full, so an add costs its own rows. Readers holding the old view see it unchanged.
+        """
+        cur, n, k = self.embeddings, len(self.embeddings), len(emb)
+        buf = self._emb_buf
+        if buf is None or cur is not self._emb_view or n + k > len(buf):
+            buf = np.empty((max(n + k, n + n // 4 + 1024), emb.shape[1]), dtype=np.float32)
+            buf[:n] = cur
+            self._emb_buf = buf
+        buf[n:n + k] = emb
+        self._emb_view = buf[:n + k]
+        return self._emb_view
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove items by id; ids not in the index are ignored.
@@ -377,7 +396,7 @@ class IndexEdits:
 
     def _compact(self, keep: np.ndarray) -> None:
         gallery = self.gallery
-        self.gallery = dataclasses.replace(gallery, ids=gallery.ids[keep], meta=_rows(gallery.meta).take(keep),
+        self.gallery = dataclasses.replace(gallery, ids=gallery.ids[keep], meta=rows_of(gallery.meta).take(keep),
                                            _reader=None)
         if self.embeddings is not None:
             self.embeddings = np.asarray(self.embeddings[keep], dtype=np.float32)
@@ -392,37 +411,3 @@ class IndexEdits:
         edits["added"] += int(added)
         edits["removed"] += int(removed)
         self.stats["n"] = self._live()
-
-    def rebuild(self, *, recall_sample: int = 1000, seed: int = 0):
-        """Build a fresh index of the live rows (same kind and parameters) beside this one, then swap it in.
-
-        For HNSW this drops the rows marked removed; for IVF it also retrains the lists on the
-        gallery as it is now. Searches go on against the old index while the new one builds.
-
-        Returns:
-            ``self``, now holding the new index (its stats re-measured).
-
-        Raises:
-            ValueError: Nothing is left to index.
-        """
-        with self._edit_lock:
-            with self._rw.read():
-                rows = np.flatnonzero(~self._removed) if self._removed is not None else np.arange(len(self.gallery))
-                if not len(rows):
-                    raise ValueError("every item was removed: nothing left to index; add items first")
-                emb = self._vectors(rows)
-                gallery = dataclasses.replace(self.gallery, ids=self.gallery.ids[rows],
-                                              meta=_rows(self.gallery.meta).take(rows), _reader=None)
-                kind, params, old_stats = self.stats["kind"], dict(self.stats.get("params") or {}), dict(self.stats)
-            t0 = time.perf_counter()
-            fresh = type(self).build(emb, gallery, kind=kind, params=params, recall_sample=recall_sample, seed=seed)
-            with self._rw.write():
-                self.index, self._search_index = fresh.index, fresh._search_index
-                self.gallery, self.embeddings, self._row_of = fresh.gallery, fresh.embeddings, fresh._row_of
-                self._removed = None
-                self._columns.clear()
-                self._masks.clear()
-                old_stats.pop("edits", None)
-                self.stats = {**old_stats, **fresh.stats}
-        logger.info("index rebuilt: %s over %d live items in %.1f s", kind, len(rows), time.perf_counter() - t0)
-        return self
