@@ -25,6 +25,7 @@ Usage in a test module::
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -116,3 +117,25 @@ def copy_output(src: Path, dst: Path) -> Path:
     """Copy an output folder (e.g. :func:`demo_output`) so a test can write into it."""
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
+
+
+def sample_subset_dataset(root: Path, per_category: int, *, max_side: int = 64):
+    """Prepare the first ``per_category`` sample photos of each category under ``root/data`` (60/20/20 split,
+    images shrunk to ``max_side``); returns ``(data_dir, report)``."""
+    from cnclip_kd.data.prepare import prepare_dataset
+
+    with open(SAMPLE_DATA / "manifest.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    taken: dict[str, int] = {}
+    subset = []
+    for row in rows:
+        if taken.get(row["label"], 0) < per_category:
+            taken[row["label"]] = taken.get(row["label"], 0) + 1
+            subset.append({**row, "image": str(SAMPLE_DATA / row["image"])})
+    manifest = Path(root) / "manifest.csv"
+    with open(manifest, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(subset)
+    report = prepare_dataset(manifest, Path(root) / "data", valid_frac=0.2, test_frac=0.2, max_side=max_side)
+    return Path(root) / "data", report

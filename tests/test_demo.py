@@ -112,8 +112,17 @@ def test_demo_runs_the_notebooks_in_order_and_summarises_what_they_recorded(demo
 
     # The summary is what the notebooks recorded: notebook 02's table (teacher, fine-tune, each KD loss) ...
     assert summary.comparison == rec02["comparison"]
-    assert [r["kd_loss"] for r in summary.comparison] == ["-", "-", "cosine", "feature", "relation"]
+    assert [r["kd_loss"] for r in summary.comparison] == ["-", "-", "cosine", "feature", "relation", "relation",
+                                                           "relation"]
     assert summary.comparison[0]["model"].startswith("teacher") and "fine-tuned" in summary.comparison[1]["model"]
+    assert "(inductive)" in summary.comparison[5]["model"] and "transductive" in summary.comparison[6]["model"]
+    chance, teacher = summary.comparison[0]["chance"], summary.comparison[0]["p@10"]  # the share of the teacher's
+    assert 0 < chance < 1 and all(r["chance"] == chance for r in summary.comparison)  # margin over chance, per row
+    for r in summary.comparison:  # (a random tiny teacher may sit at chance: then there is no margin, None)
+        if teacher > chance:
+            assert r["share"] == pytest.approx((r["p@10"] - chance) / (teacher - chance))
+        else:
+            assert r["share"] is None
     # ... the figures (they exist and are PNGs) ...
     assert summary.curves == rec02["curves"]
     assert summary.top10_figures == rec04["figures"] and set(summary.top10_figures) == {"tiny-kd-relation",

@@ -16,7 +16,7 @@ from cnclip_kd.notebook import viz
 from cnclip_kd.cli import main as cli_main
 from cnclip_kd.data.dataset import read_labels
 from cnclip_kd.retrieval.encoders import ImageEncoder, load_encoder
-from cnclip_kd.retrieval.evaluate import compare_models, evaluate_index
+from cnclip_kd.retrieval.evaluate import chance_p_at_k, compare_models, evaluate_index
 from cnclip_kd.retrieval.discovery import discover_models, latest_checkpoint
 from cnclip_kd.retrieval.gallery import embed_gallery, Gallery, gallery_from_source, gallery_from_split, MetaRows
 from cnclip_kd.retrieval.index import choose_index_kind, EXACT_MAX, GalleryIndex
@@ -268,6 +268,28 @@ def test_evaluate_index_matches_hand_computed_metrics():
     # Product ids that no two images share: that field is left out, not reported as 0.
     unique = _toy_gallery(6, labels=["a"] * 6, products=[f"p{i}" for i in range(6)])
     assert "product_id" not in evaluate_index(GalleryIndex.build(emb, unique, kind="flat"), k=3)
+
+
+def test_chance_p_at_k_by_hand_and_by_random_rankings():
+    # a, a, b, b, b: each "a" has 1 of 4 others alike, each "b" 2 of 4 → (2 × 1/4 + 3 × 2/4) / 5 = 0.4.
+    assert chance_p_at_k(["a", "a", "b", "b", "b"]) == pytest.approx(0.4)
+    assert chance_p_at_k(["a", "a", "b", "b", "b"], k=1) == pytest.approx(0.4)  # k does not change it
+    # A label no other item has, or none at all, is not a query (as in evaluate_index) but is in the gallery.
+    assert chance_p_at_k(["a", "a", "c", ""]) == pytest.approx(1 / 3)
+    # The mean P@k of random rankings (leave-one-out) converges to it.
+    labels = np.array(list("aaaabbbbbbcccccccccccd"))
+    rng = np.random.default_rng(0)
+    k, trials, hits = 10, 400, []
+    for _ in range(trials):
+        for q in range(len(labels)):
+            if (labels == labels[q]).sum() < 2:
+                continue
+            others = rng.permutation(np.delete(np.arange(len(labels)), q))[:k]
+            hits.append((labels[others] == labels[q]).mean())
+    assert np.mean(hits) == pytest.approx(chance_p_at_k(labels.tolist(), k=k), abs=0.01)
+    for bad in ([], ["a"], ["a", "b"]):
+        with pytest.raises(ValueError):
+            chance_p_at_k(bad)
 
 
 # --------------------------------------------------------------------------- galleries and embedding

@@ -1,6 +1,10 @@
 """Tests for cnclip_kd.distill.losses: values, gradients, and DDP equivalence."""
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -12,6 +16,7 @@ from torch import nn
 
 from cnclip_kd.distill.losses import (KD_LOSSES, ClipLoss, CosineKDLoss, DistillationLoss, FeatureKDLoss,
     RelationKDLoss, build_kd_loss, gather_features)
+from cnclip_kd.distill.pairs import title_key
 
 
 def _randn(*shape, seed=0):
@@ -236,6 +241,153 @@ def test_gather_features_is_identity_without_distributed():
     assert gather_features(t, with_grad=False) is t
 
 
+# ---------------------------------------------------------------- title positives
+
+
+def test_distinct_title_keys_give_the_plain_clip_loss_bit_for_bit():
+    img, txt, scale = _randn(6, 16, seed=40), _randn(6, 16, seed=41), torch.tensor(30.0)
+    # Keys that float32 would merge (2**62, 2**62 + 1): they must stay distinct int64 keys.
+    keys = torch.tensor([2 ** 62, 2 ** 62 + 1, -2 ** 63, 2 ** 63 - 1, 0, -7], dtype=torch.long)
+    plain = ClipLoss()(img, txt, scale)["contrastive"]
+    assert torch.equal(ClipLoss()(img, txt, scale, title_keys=keys)["contrastive"], plain)
+    kd = RelationKDLoss()
+    teacher = _randn(6, 24, seed=42)
+    without = DistillationLoss(kd)(img, txt, scale, teacher)
+    with_keys = DistillationLoss(kd)(img, txt, scale, teacher, title_keys=keys)
+    assert set(with_keys) == set(without)
+    for key in without:
+        assert torch.equal(with_keys[key], without[key]), key
+    assert torch.equal(with_keys["contrastive"], plain)
+
+
+def _title_example():
+    img = torch.tensor([[1.0, 0.0, 0.5], [0.2, 1.0, 0.0], [0.7, 0.3, 0.9], [-0.4, 0.6, 1.0]])
+    txt = torch.tensor([[0.9, 0.1, 0.4], [0.0, 1.0, -0.3], [1.0, 0.5, 0.6], [-0.2, 0.2, 1.0]])
+    keys = torch.tensor([10, 20, 10, 30])  # samples 0 and 2 share a title
+    return img, txt, keys
+
+
+def test_repeated_title_keys_give_the_hand_computed_soft_target_loss():
+    img, txt, keys = _title_example()
+    scale = 5.0
+    logits = scale * F.normalize(img.double(), dim=-1) @ F.normalize(txt.double(), dim=-1).t()
+    # Image/text 0 and 2 have two positives each (weight 1/2), 1 and 3 only their own pair.
+    target = torch.tensor([[0.5, 0.0, 0.5, 0.0],
+                           [0.0, 1.0, 0.0, 0.0],
+                           [0.5, 0.0, 0.5, 0.0],
+                           [0.0, 0.0, 0.0, 1.0]], dtype=torch.double)
+    i2t = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    t2i = -(target * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    expected = ((i2t + t2i) / 2).item()
+
+    got = ClipLoss()(img, txt, torch.tensor(scale), title_keys=keys)["contrastive"]
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    plain = ClipLoss()(img, txt, torch.tensor(scale))["contrastive"].item()
+    assert abs(plain - expected) > 1e-2  # the example tells soft from hard targets apart
+    out = DistillationLoss()(img, txt, scale, title_keys=keys)
+    assert out["contrastive"].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_title_positives_gradient_is_finite_and_reaches_all_inputs():
+    img = _randn(6, 8, seed=43).requires_grad_()
+    txt = _randn(6, 8, seed=44).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    for keys in (torch.tensor([1, 2, 1, 3, 2, 1]), torch.zeros(6, dtype=torch.long)):  # all equal too
+        img.grad = txt.grad = scale.grad = None
+        loss = ClipLoss()(img, txt, scale, title_keys=keys)["contrastive"]
+        assert torch.isfinite(loss)
+        loss.backward()
+        for g in (img.grad, txt.grad, scale.grad):
+            assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_title_keys_of_the_wrong_shape_are_rejected():
+    img, txt, _ = _title_example()
+    with pytest.raises(ValueError, match="title_keys"):
+        ClipLoss()(img, txt, 5.0, title_keys=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="title_keys"):
+        DistillationLoss()(img, txt, 5.0, title_keys=torch.zeros(4, 1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- contrastive weight / extra KD images
+
+
+def test_contrastive_weight_scales_only_the_contrastive_term():
+    img = _randn(6, 16, seed=45).requires_grad_()
+    txt = _randn(6, 16, seed=46).requires_grad_()
+    teacher, scale = _randn(6, 24, seed=47), torch.tensor(20.0)
+    kd = RelationKDLoss()
+    ref = DistillationLoss(kd, kd_loss_weight=0.5)(img, txt, scale, teacher)
+    assert DistillationLoss(kd).contrastive_weight == 1.0
+    for weight in (0.0, 0.3, 2.0):
+        out = DistillationLoss(kd, kd_loss_weight=0.5, contrastive_weight=weight)(img, txt, scale, teacher)
+        assert torch.equal(out["contrastive"], ref["contrastive"])  # reported unweighted
+        assert torch.equal(out["kd_relation"], ref["kd_relation"])
+        expected = weight * ref["contrastive"].item() + 0.5 * ref["kd_relation"].item()
+        assert out["total"].item() == pytest.approx(expected, abs=1e-6)
+    # Weight 0: KD only; the text features get a zero gradient (still in the graph, as DDP needs).
+    DistillationLoss(kd, contrastive_weight=0.0)(img, txt, scale, teacher)["total"].backward()
+    assert txt.grad is not None and not txt.grad.any()
+    assert img.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        DistillationLoss(kd, contrastive_weight=-0.1)
+
+
+@pytest.mark.parametrize("name", ["feature", "relation"])
+def test_extra_images_enter_only_the_kd_term(name):
+    img, txt, teacher = _randn(5, 16, seed=48), _randn(5, 16, seed=49), _randn(5, 24, seed=50)
+    extra_img, extra_teacher = _randn(3, 16, seed=51), _randn(3, 24, seed=52)
+    kd, scale = build_kd_loss(name, 16, 24), torch.tensor(20.0)
+    loss_fn = DistillationLoss(kd, kd_loss_weight=0.7)
+    plain = loss_fn(img, txt, scale, teacher)
+    out = loss_fn(img, txt, scale, teacher, extra_image_features=extra_img, extra_teacher_features=extra_teacher)
+    expected_kd = kd(torch.cat([img, extra_img]), torch.cat([teacher, extra_teacher]))[f"kd_{name}"]
+    assert out[f"kd_{name}"].item() == pytest.approx(expected_kd.item(), abs=1e-6)
+    assert abs(out[f"kd_{name}"].item() - plain[f"kd_{name}"].item()) > 1e-4  # the extras did count
+    assert torch.equal(out["contrastive"], plain["contrastive"])
+    assert out["total"].item() == pytest.approx(out["contrastive"].item() + 0.7 * expected_kd.item(), abs=1e-6)
+
+
+def test_extra_images_must_come_in_pairs_and_need_a_kd_loss():
+    img, txt, teacher = _randn(4, 16, seed=53), _randn(4, 16, seed=54), _randn(4, 24, seed=55)
+    extra_img, extra_teacher = _randn(2, 16, seed=56), _randn(2, 24, seed=57)
+    loss_fn = DistillationLoss(RelationKDLoss())
+    with pytest.raises(ValueError, match="together"):
+        loss_fn(img, txt, 20.0, teacher, extra_image_features=extra_img)
+    with pytest.raises(ValueError, match="together"):
+        loss_fn(img, txt, 20.0, teacher, extra_teacher_features=extra_teacher)
+    with pytest.raises(ValueError, match="KD loss"):
+        DistillationLoss()(img, txt, 20.0, extra_image_features=extra_img, extra_teacher_features=extra_teacher)
+
+
+# ---------------------------------------------------------------- title keys
+
+
+def test_title_key_normalises_whitespace_width_and_case():
+    base = title_key("夏季新款 连衣裙")
+    assert title_key("夏季新款  连衣裙 ") == base
+    assert title_key("\t夏季新款\u3000连衣裙\n") == base  # full-width space (NFKC) and tabs
+    assert title_key("ＡＢＣ连衣裙ｘｌ") == title_key("abc连衣裙XL")  # full-width letters (NFKC), case
+    assert title_key("夏季新款 连衣裙 红") != base
+    assert title_key("夏季新款连衣裙") != base  # only runs of whitespace collapse, not its presence
+    assert -2 ** 63 <= base < 2 ** 63
+    assert torch.tensor(base, dtype=torch.long).item() == base
+    # blake2b (8 bytes, little-endian, signed) of the normalised UTF-8 title: pinned, not hash().
+    digest = hashlib.blake2b("夏季新款 连衣裙".encode(), digest_size=8).digest()
+    assert base == int.from_bytes(digest, "little", signed=True)
+
+
+def test_title_key_is_stable_across_processes():
+    titles = ["夏季新款 连衣裙", "ＡＢＣ shoes", "x"]
+    code = ("import sys; from cnclip_kd.distill.pairs import title_key; "
+            "print(*[title_key(t) for t in sys.stdin.read().split('|')])")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a hash()-based key would change with this
+    done = subprocess.run([sys.executable, "-c", code], input="|".join(titles), capture_output=True,
+                          text=True, encoding="utf-8", env=env, timeout=300, check=True)
+    assert [int(v) for v in done.stdout.split()] == [title_key(t) for t in titles]
+
+
 # ---------------------------------------------------------------- DDP equivalence
 #
 # What is asserted, for every KD kind and for an even (4+4) and uneven (5+3)
@@ -292,7 +444,7 @@ def _ddp_worker(rank, world_size, init_file, data_path, out_dir):
     try:
         data = torch.load(data_path)
         results = {}
-        for split in data["splits"]:
+        for split, extra_split in zip(data["splits"], data["extra_splits"]):
             start = sum(split[:rank])
             rows = slice(start, start + split[rank])
             for name in data["kinds"]:
@@ -310,9 +462,26 @@ def _ddp_worker(rank, world_size, init_file, data_path, out_dir):
             loss = ClipLoss()(img, txt, torch.tensor(10.0))["contrastive"]
             loss.backward()
             results[(tuple(split), "clip")] = {"loss": loss.item(), "img_grad": img.grad, "txt_grad": txt.grad}
+            erows = slice(sum(extra_split[:rank]), sum(extra_split[:rank + 1]))
+            results[(tuple(split), "titles")] = _titles_case(data, rows, erows)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _titles_case(data, rows, erows):
+    """Title keys (shared across ranks) and extra KD-only images (own, uneven sizes, 0 on a rank)."""
+    img = data["clip_img"][rows].clone().requires_grad_()
+    txt = data["clip_txt"][rows].clone().requires_grad_()
+    extra = data["extra_img"][erows].clone().requires_grad_()
+    keys = data["keys"][rows]
+    out = DistillationLoss(RelationKDLoss(), contrastive_weight=0.5)(
+        img, txt, torch.tensor(10.0), data["teacher"][rows], title_keys=keys,
+        extra_image_features=extra, extra_teacher_features=data["extra_teacher"][erows])
+    out["total"].backward()
+    clip = ClipLoss()(img.detach(), txt.detach(), torch.tensor(10.0), title_keys=keys)["contrastive"]
+    return {"losses": {k: v.item() for k, v in out.items()}, "clip": clip.item(),
+            "img_grad": img.grad, "txt_grad": txt.grad, "extra_grad": extra.grad}
 
 
 def test_ddp_loss_and_gradients_match_single_process(tmp_path):
@@ -330,6 +499,11 @@ def test_ddp_loss_and_gradients_match_single_process(tmp_path):
         "clip_txt": _randn(_N, _D_S, seed=34),
         "kinds": kinds,
         "splits": splits,
+        # Key 0 repeats inside rank 0, key 1 across the ranks (rows 1 and 5).
+        "keys": torch.tensor([0, 1, 2, 0, 3, 1, 4, 5]),
+        "extra_img": _randn(3, _D_S, seed=35),
+        "extra_teacher": _randn(3, _D_T, seed=36),
+        "extra_splits": [[2, 1], [0, 3]],
     }
     torch.save(data, tmp_path / "data.pt")
     mp.spawn(
@@ -382,3 +556,18 @@ def test_ddp_loss_and_gradients_match_single_process(tmp_path):
             rows = slice(start, start + split[rank])
             torch.testing.assert_close(got["img_grad"], world_size * img.grad[rows], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(got["txt_grad"], world_size * txt.grad[rows], atol=1e-5, rtol=1e-4)
+
+    ref = _titles_case(data, slice(0, _N), slice(0, 3))
+    assert ref["clip"] != pytest.approx(ref_loss.item(), abs=1e-3)  # the repeated keys matter
+    for split, extra_split in zip(splits, data["extra_splits"]):
+        for rank, results in enumerate(per_rank):
+            got, where = results[(tuple(split), "titles")], f"titles split={split} rank={rank}"
+            assert got["clip"] == pytest.approx(ref["clip"], abs=1e-5), where
+            for key, value in ref["losses"].items():
+                assert got["losses"][key] == pytest.approx(value, abs=1e-5), f"{where} {key}"
+            start, estart = sum(split[:rank]), sum(extra_split[:rank])
+            for feat, rows in (("img_grad", slice(start, start + split[rank])),
+                               ("txt_grad", slice(start, start + split[rank])),
+                               ("extra_grad", slice(estart, estart + extra_split[rank]))):
+                torch.testing.assert_close(got[feat], world_size * ref[feat][rows], atol=1e-5, rtol=1e-4,
+                                           msg=f"{where} {feat}")

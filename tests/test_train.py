@@ -6,7 +6,6 @@ sample data (40 train pairs, 20 valid images), on the CPU, without workers.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -21,12 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-import cnclip_kd
 from cnclip_kd.models import teachers as teachers_mod
 from cnclip_kd.distill import trainer as train_mod
 from cnclip_kd.cli import build_parser
 from cnclip_kd.cli import main as cli_main
-from cnclip_kd.data.prepare import prepare_dataset
 from cnclip_kd.models.students import PRESETS, ModelLoadError, build_model, load_student
 from cnclip_kd.models.teachers import TEACHERS, Teacher, TeacherLoadError, load_teacher
 from cnclip_kd.distill.teacher_cache import LMDBImages, TeacherFeatureCache
@@ -54,23 +51,11 @@ HUB_ID = "damo/multi-modal_clip-vit-large-patch14_zh"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A prepared dataset: 8 photos of each of the 10 sample categories, images shrunk to 64 px."""
-    root = tmp_path_factory.mktemp("train-data")
-    with open(cnclip_kd.SAMPLE_DATA / "manifest.csv", encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    taken: dict[str, int] = {}
-    subset = []
-    for row in rows:
-        if taken.get(row["label"], 0) < PER_CATEGORY:
-            taken[row["label"]] = taken.get(row["label"], 0) + 1
-            subset.append({**row, "image": str(cnclip_kd.SAMPLE_DATA / row["image"])})
-    manifest = root / "manifest.csv"
-    with open(manifest, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(subset)
-    report = prepare_dataset(manifest, root / "data", valid_frac=0.2, test_frac=0.2, max_side=64)
-    assert report.n_images == len(subset) == 10 * PER_CATEGORY
-    return root / "data"
+    from demo_fixtures import sample_subset_dataset
+
+    data_dir, report = sample_subset_dataset(tmp_path_factory.mktemp("train-data"), PER_CATEGORY)
+    assert report.n_images == 10 * PER_CATEGORY
+    return data_dir
 
 
 @pytest.fixture(scope="module")

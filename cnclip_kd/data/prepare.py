@@ -58,7 +58,7 @@ class Record:
 
     Attributes:
         source: Image file path, or ``"<muge:split:image_id>"`` for MUGE input.
-        texts: Chinese captions (at least one).
+        texts: Chinese captions (at least one; none for photos read with ``unlabelled``).
         label: Category, or ``""`` when unknown.
         product_id: Product id; images of one product never go to two splits.
         origin: Where the record came from, e.g. ``"manifest.csv:12"``.
@@ -133,7 +133,8 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None) -> list[Record]:
+def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None, *,
+                  unlabelled: bool = False) -> list[Record]:
     """Read a CSV or JSONL manifest into records.
 
     Columns: ``image`` (path, relative to the manifest's folder or absolute)
@@ -145,6 +146,8 @@ def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None)
         path: The ``.csv`` or ``.jsonl`` file.
         skipped: A list that receives rows left out (missing image, empty
             caption, duplicate id), each with its reason.
+        unlabelled: Photos without titles (e.g. for the KD term only): only ``image`` is
+            required, and a row without a caption is kept (its ``texts`` empty).
 
     Returns:
         One record per distinct image.
@@ -163,7 +166,7 @@ def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None)
     for n, row in read_rows(path):
         origin = f"{path.name}:{n}"
         if not checked_columns:
-            missing = [c for c in ("image", "text") if c not in row]
+            missing = [c for c in (("image",) if unlabelled else ("image", "text")) if c not in row]
             if missing:
                 raise DataError(
                     f"{path}: missing required column(s) {missing}; found {sorted(row)}. "
@@ -178,7 +181,7 @@ def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None)
             continue
         image_path = Path(image) if Path(image).is_absolute() else root / image
         source = str(image_path)
-        if not text:
+        if not text and not unlabelled:
             skipped.append(Skipped(f"{origin} ({image})", "empty caption"))
             continue
         if not image_path.is_file():
@@ -201,10 +204,10 @@ def read_manifest(path: str | os.PathLike, skipped: list[Skipped] | None = None)
         rec = by_image.get(source)
         if rec is None:
             by_image[source] = Record(
-                source=source, texts=[text], label=str(row.get("label") or "").strip(),
+                source=source, texts=[text] if text else [], label=str(row.get("label") or "").strip(),
                 product_id=str(row.get("product_id") or "").strip(), origin=origin, image_id=image_id,
             )
-        elif text in rec.texts:
+        elif text in rec.texts or not text:
             skipped.append(Skipped(f"{origin} ({image})", f"duplicate row (same image and caption as {rec.origin})"))
         else:
             rec.texts.append(text)
@@ -219,6 +222,7 @@ def read_folder(
     caption_template: str = "{label}",
     captions: str | os.PathLike | None = None,
     skipped: list[Skipped] | None = None,
+    unlabelled: bool = False,
 ) -> list[Record]:
     """Read a folder with one sub-folder per category.
 
@@ -229,6 +233,8 @@ def read_folder(
         captions: Optional CSV/JSONL with ``image`` (path relative to ``root``)
             and ``text`` columns giving per-image captions.
         skipped: Receives files left out, with reasons.
+        unlabelled: Photos without titles: images directly in ``root`` are read too (label ``""``), and a
+            folder without sub-folders is no error (an empty one gives no records).
 
     Returns:
         One record per image file, each its own product.
@@ -243,22 +249,25 @@ def read_folder(
             if str(row["text"]).strip():
                 given.setdefault(Path(str(row["image"]).strip()).as_posix(), []).append(str(row["text"]).strip())
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+    if unlabelled:
+        folders = [root, *folders]
+    elif not folders:
         raise DataError(
             f"{root}: no category sub-folders, no manifest.csv/manifest.jsonl and no MUGE *_imgs.tsv; "
             "put images in <root>/<category>/*.jpg or pass a manifest"
         )
     records = []
     for folder in folders:
-        for f in sorted(folder.rglob("*")):
+        for f in sorted(folder.glob("*") if folder == root else folder.rglob("*")):
             if not f.is_file() or f.name.startswith("."):
                 continue
             rel = f.relative_to(root).as_posix()
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(Skipped(rel, f"not an image extension ({f.suffix or 'none'})"))
                 continue
-            texts = given.get(rel) or [caption_template.format(label=folder.name)]
-            records.append(Record(source=str(f), texts=texts, label=folder.name,
+            label = "" if folder == root else folder.name
+            texts = given.get(rel) or [caption_template.format(label=label)]
+            records.append(Record(source=str(f), texts=texts, label=label,
                                   product_id=rel, origin=rel))
     return records
 
@@ -332,26 +341,29 @@ def read_source(
     caption_template: str = "{label}",
     captions: str | os.PathLike | None = None,
     skipped: list[Skipped] | None = None,
+    unlabelled: bool = False,
 ) -> list[Record]:
     """Read any supported input, deciding the kind from what is there.
 
     A ``.csv``/``.jsonl`` file is a manifest; a folder with ``*_imgs.tsv`` is
     MUGE data; a folder with ``manifest.csv``/``manifest.jsonl`` is that
-    manifest; any other folder is read as one sub-folder per category.
+    manifest; any other folder is read as one sub-folder per category. With
+    ``unlabelled`` no title is needed (see :func:`read_manifest`, :func:`read_folder`).
     """
     source = Path(source)
     if source.is_file():
         if source.suffix.lower() not in (".csv", ".jsonl"):
             raise DataError(f"{source}: a manifest must be .csv or .jsonl")
-        return read_manifest(source, skipped)
+        return read_manifest(source, skipped, unlabelled=unlabelled)
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     if any(source.glob("*_imgs.tsv")):
         return read_muge(source, skipped)
     for name in MANIFEST_NAMES:
         if (source / name).is_file():
-            return read_manifest(source / name, skipped)
-    return read_folder(source, caption_template=caption_template, captions=captions, skipped=skipped)
+            return read_manifest(source / name, skipped, unlabelled=unlabelled)
+    return read_folder(source, caption_template=caption_template, captions=captions, skipped=skipped,
+                       unlabelled=unlabelled)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -478,8 +490,8 @@ def _up_to_date(out_dir: Path, fingerprint: str, force: bool) -> PrepareReport |
     return None
 
 
-def _encode_all(records: Sequence[Record], skipped: list[Skipped], *, max_side: int | None, max_pixels: int,
-                num_workers: int | None) -> list[tuple[Record, bytes]]:
+def encode_all(records: Sequence[Record], skipped: list[Skipped], *, max_side: int | None, max_pixels: int,
+               num_workers: int | None) -> list[tuple[Record, bytes]]:
     """Decode every image once on ``num_workers`` threads: bad ones go to ``skipped``, good ones are encoded.
 
     Returns:
@@ -642,7 +654,7 @@ def prepare_dataset(
     if reused is not None:
         return reused
 
-    good = _encode_all(records, skipped, max_side=max_side, max_pixels=max_pixels, num_workers=num_workers)
+    good = encode_all(records, skipped, max_side=max_side, max_pixels=max_pixels, num_workers=num_workers)
     if not good:
         raise DataError(f"{source}: no usable image (skipped {len(skipped)}: "
                         + "; ".join(f"{s.source}: {s.reason}" for s in skipped[:5]) + ")")

@@ -40,7 +40,12 @@ class TrainConfig:
             :func:`cnclip_kd.models.teachers.load_teacher`).
         kd_loss: ``relation`` (default: best P@10 in the demo comparison, 3 seeds), ``feature`` or ``cosine``
             (cn_clip's loss).
-        kd_loss_weight: total = contrastive + kd_loss_weight × KD (upstream default 0.5).
+        kd_loss_weight: total = contrastive_weight × contrastive + kd_loss_weight × KD (upstream default 0.5).
+        contrastive_weight: Weight of the contrastive term in the total (>= 0; 0 trains on
+            the KD term alone, and the text tower then learns nothing).
+        title_positives: Treat pairs whose normalised titles agree as positives of each other in the
+            contrastive loss (soft targets) instead of as negatives; off by default, the default being chosen
+            by measurement in notebook 02's preset.
         teacher_vision_model: Vision architecture of a cn_clip-checkpoint teacher (if it does not record it).
         teacher_text_model: Text architecture of a cn_clip-checkpoint teacher.
         teacher_batch_size: Batch size when computing the teacher-feature cache.
@@ -48,6 +53,13 @@ class TrainConfig:
         teacher_cache: Compute the teacher's features once and reuse them (of every view with ``augment_views``;
             not with ``use_augment``, whose random augmentation needs the teacher online).
         teacher_cache_dir: Where cached teacher features live (default ``{logs}/teacher-cache``).
+        kd_images: Photos without titles that only the KD term sees: a photo folder (flat or per category), a
+            manifest ``.csv``/``.jsonl`` (``image`` column) or an ``lmdb/<split>`` folder of ``prepare``. Shown
+            in the same seeded augmented views, their teacher features cached like the training images';
+            bad files are skipped and listed in ``{logs}/kd-images/<fingerprint>/skipped.json``. Needs
+            ``distillation``.
+        kd_images_ratio: Unlabelled images per labelled sample in a batch (0.5 with batch 64: 32 more images per
+            step per device, encoded by the student in the same forward pass).
         batch_size: Images per step per process (global batch = batch_size × processes).
         valid_batch_size: Batch size for validation.
         max_epochs: Epochs to train.
@@ -97,9 +109,13 @@ class TrainConfig:
     teacher_text_model: str | None = None
     kd_loss: str = "relation"  # measured best on the demo (benchmarks/kd_demo.py); "cosine" is cn_clip's
     kd_loss_weight: float = 0.5
+    contrastive_weight: float = 1.0
+    title_positives: bool = False
     teacher_cache: bool = True
     teacher_cache_dir: str | None = None
     teacher_batch_size: int = 64
+    kd_images: str = ""
+    kd_images_ratio: float = 0.5
     batch_size: int = 128
     valid_batch_size: int = 128
     max_epochs: int = 3

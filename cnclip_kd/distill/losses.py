@@ -13,13 +13,18 @@ the single-process loss on the global batch (the open_clip ``gather_with_grad``
 scheme). Parameters used only inside the loss (the projector of
 :class:`FeatureKDLoss`, ``logit_scale``) get the full global gradient on every
 rank, identical across ranks, so averaging leaves them unchanged too.
+
+Title positives: with ``title_keys`` (one int64 key per sample, equal keys =
+the same normalised title, see :func:`cnclip_kd.distill.pairs.title_key`),
+pairs whose titles agree are all positives of each other instead of
+negatives. The keys are gathered (without gradient) with the features.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,8 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "ClipLoss", "CosineKDLoss", "FeatureKDLoss", "RelationKDLoss", "KD_LOSSES", "build_kd_loss",
-    "DistillationLoss", "gather_features",
+    "KD_LOSSES",
+    "ClipLoss",
+    "CosineKDLoss",
+    "DistillationLoss",
+    "FeatureKDLoss",
+    "RelationKDLoss",
+    "build_kd_loss",
+    "gather_features",
 ]
 
 
@@ -93,19 +104,44 @@ def gather_features(t: Tensor, with_grad: bool) -> Tensor:
     return _gather(t, with_grad, _local_sizes(t))
 
 
-def _scale(logit_scale: Union[Tensor, float], device: torch.device) -> Tensor:
+def _scale(logit_scale: Tensor | float, device: torch.device) -> Tensor:
     if isinstance(logit_scale, Tensor):
         # DataParallel returns one scale per replica; upstream takes the mean.
         return logit_scale.float().mean()
     return torch.tensor(float(logit_scale), device=device)
 
 
-def _contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float]) -> Tensor:
+def _title_targets(keys: Tensor) -> Tensor | None:
+    """Row-normalised ``[N, N]`` target matrix, uniform over the samples sharing a key.
+
+    Returns None when all keys differ, so the caller keeps the hard-label path
+    (the plain CLIP loss, bit for bit). The matrix is symmetric in which samples
+    match, so one matrix serves both directions.
+    """
+    same = keys[:, None] == keys[None, :]
+    counts = same.sum(dim=1, keepdim=True)
+    # One host sync per step, paid only when title positives are switched on.
+    if bool((counts == 1).all()):
+        return None
+    return same.float() / counts
+
+
+def _contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+                 title_keys: Tensor | None = None) -> Tensor:
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
     logits = _scale(logit_scale, img.device) * img @ txt.t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    targets = None if title_keys is None else _title_targets(title_keys.to(logits.device))
+    if targets is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    # Soft-target cross-entropy (probability targets), averaged over rows.
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def _check_keys(title_keys: Tensor | None, n: int) -> None:
+    if title_keys is not None and tuple(title_keys.shape) != (n,):
+        raise ValueError(f"title_keys must have shape [{n}] (one key per sample), got {tuple(title_keys.shape)}")
 
 
 class ClipLoss(nn.Module):
@@ -114,10 +150,12 @@ class ClipLoss(nn.Module):
     Features are L2-normalised inside (idempotent for cn_clip's already
     normalised outputs, and the gradient reaching the encoder is unchanged).
     Under torch.distributed with world size > 1 both feature sets are gathered
-    with gradient and the loss is computed over the global batch.
+    with gradient (and title keys without) and the loss is computed over the
+    global batch.
     """
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float]) -> dict:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, *,
+                title_keys: Tensor | None = None) -> dict:
         """Compute the contrastive loss.
 
         Args:
@@ -126,16 +164,27 @@ class ClipLoss(nn.Module):
             logit_scale: Temperature multiplier, already exponentiated (as
                 cn_clip's model returns ``logit_scale.exp()``); a scalar
                 tensor, a per-replica vector (its mean is used) or a float.
+            title_keys: Optional ``[B]`` int64 keys, equal for equal
+                normalised titles. Then the target of image i is uniform over
+                the texts with i's key (i included), and likewise for texts;
+                the loss is the soft-target cross-entropy. None, or keys that
+                all differ in the (gathered) batch, give the plain CLIP loss.
 
         Returns:
             ``{"contrastive": loss}`` with a float32 scalar loss.
+
+        Raises:
+            ValueError: If ``title_keys`` is not of shape ``[B]``.
         """
+        _check_keys(title_keys, image_features.shape[0])
         with _fp32(image_features.device):
             if _world_size() > 1:
                 sizes = _local_sizes(image_features)
                 image_features = _gather(image_features, True, sizes)
                 text_features = _gather(text_features, True, sizes)
-            return {"contrastive": _contrastive(image_features, text_features, logit_scale)}
+                if title_keys is not None:
+                    title_keys = _gather(title_keys, False, sizes)
+            return {"contrastive": _contrastive(image_features, text_features, logit_scale, title_keys)}
 
 
 class CosineKDLoss(nn.Module):
@@ -285,15 +334,18 @@ def build_kd_loss(name: str, student_dim: int, teacher_dim: int) -> nn.Module:
 
 
 class DistillationLoss(nn.Module):
-    """Contrastive loss plus weighted image-encoder distillation.
+    """Weighted contrastive loss plus weighted image-encoder distillation.
 
-    ``total = contrastive + kd_loss_weight * kd``. Under torch.distributed the
-    student image and text features are gathered with gradient and the
-    teacher features without, once, and both losses see the global batch, so
-    the loss on every rank equals the single-process loss on that batch.
+    ``total = contrastive_weight * contrastive + kd_loss_weight * kd``. Under
+    torch.distributed the student image and text features are gathered with
+    gradient and the teacher features (and title keys) without, once, and both
+    losses see the global batch, so the loss on every rank equals the
+    single-process loss on that batch. Extra untitled images enter only the
+    KD term.
     """
 
-    def __init__(self, kd: Optional[nn.Module] = None, kd_loss_weight: float = 0.5):
+    def __init__(self, kd: nn.Module | None = None, kd_loss_weight: float = 0.5,
+                 contrastive_weight: float = 1.0):
         """Set up the loss.
 
         Args:
@@ -301,17 +353,38 @@ class DistillationLoss(nn.Module):
                 contrastive fine-tuning.
             kd_loss_weight: Weight of the KD term (upstream's
                 ``--kd_loss_weight``, default 0.5).
+            contrastive_weight: Weight of the contrastive term (default 1.0;
+                0 trains on KD alone, the text tower then gets zero gradient).
+
+        Raises:
+            ValueError: If ``contrastive_weight`` is negative.
         """
         super().__init__()
+        if contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
         self.kd = kd
         self.kd_loss_weight = float(kd_loss_weight)
+        self.contrastive_weight = float(contrastive_weight)
+
+    def _check(self, teacher_features: Tensor | None, extra_image_features: Tensor | None,
+               extra_teacher_features: Tensor | None) -> None:
+        if self.kd is not None and teacher_features is None:
+            raise ValueError("teacher_features is required when a KD loss is set")
+        if (extra_image_features is None) != (extra_teacher_features is None):
+            raise ValueError("extra_image_features and extra_teacher_features must be given together")
+        if extra_image_features is not None and self.kd is None:
+            raise ValueError("extra_image_features need a KD loss (they enter only the KD term)")
 
     def forward(
         self,
         image_features: Tensor,
         text_features: Tensor,
-        logit_scale: Union[Tensor, float],
-        teacher_features: Optional[Tensor] = None,
+        logit_scale: Tensor | float,
+        teacher_features: Tensor | None = None,
+        *,
+        title_keys: Tensor | None = None,
+        extra_image_features: Tensor | None = None,
+        extra_teacher_features: Tensor | None = None,
     ) -> dict:
         """Compute all loss terms.
 
@@ -321,15 +394,28 @@ class DistillationLoss(nn.Module):
             logit_scale: Exponentiated logit scale (see :class:`ClipLoss`).
             teacher_features: Teacher image embeddings ``[B, D_t]``; required
                 when a KD loss is set, ignored otherwise.
+            title_keys: Optional ``[B]`` int64 title keys: samples with equal
+                keys are positives of each other (see :class:`ClipLoss`).
+            extra_image_features: Student embeddings ``[E, D_s]`` of images
+                without a title; they enter only the KD term, which is computed
+                on ``cat([image_features, extra_image_features])``. Under
+                torch.distributed every rank must pass them (``E`` may be 0
+                and may differ between ranks) whenever one does.
+            extra_teacher_features: Teacher embeddings ``[E, D_t]`` of those
+                images.
 
         Returns:
-            ``{"contrastive", "kd_<name>" (when kd is set), "total"}``.
+            ``{"contrastive" (unweighted), "kd_<name>" (when kd is set),
+            "total"}``.
 
         Raises:
-            ValueError: If a KD loss is set but ``teacher_features`` is None.
+            ValueError: If a KD loss is set but ``teacher_features`` is None;
+                if only one of the two extra feature sets is given, or they are
+                given without a KD loss; if ``title_keys`` is not ``[B]``.
         """
-        if self.kd is not None and teacher_features is None:
-            raise ValueError("teacher_features is required when a KD loss is set")
+        self._check(teacher_features, extra_image_features, extra_teacher_features)
+        _check_keys(title_keys, image_features.shape[0])
+        has_extra = extra_image_features is not None
         with _fp32(image_features.device):
             if _world_size() > 1:
                 sizes = _local_sizes(image_features)
@@ -337,9 +423,18 @@ class DistillationLoss(nn.Module):
                 text_features = _gather(text_features, True, sizes)
                 if self.kd is not None:
                     teacher_features = _gather(teacher_features, False, sizes)
-            out = {"contrastive": _contrastive(image_features, text_features, logit_scale)}
-            total = out["contrastive"]
+                if title_keys is not None:
+                    title_keys = _gather(title_keys, False, sizes)
+                if has_extra:
+                    extra_sizes = _local_sizes(extra_image_features)
+                    extra_image_features = _gather(extra_image_features, True, extra_sizes)
+                    extra_teacher_features = _gather(extra_teacher_features, False, extra_sizes)
+            out = {"contrastive": _contrastive(image_features, text_features, logit_scale, title_keys)}
+            total = self.contrastive_weight * out["contrastive"]
             if self.kd is not None:
+                if has_extra:
+                    image_features = torch.cat([image_features, extra_image_features.to(image_features.dtype)])
+                    teacher_features = torch.cat([teacher_features, extra_teacher_features.to(teacher_features.dtype)])
                 kd_out = self.kd(image_features, teacher_features)
                 out.update(kd_out)
                 total = total + self.kd_loss_weight * sum(kd_out.values())

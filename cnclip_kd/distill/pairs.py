@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,26 @@ from ..data.dataset import LmdbImages
 from .teacher_cache import ViewAugment
 
 # --------------------------------------------------------------------------- data
+
+
+def title_key(text: str) -> int:
+    """A stable signed 64-bit key of a title: equal for titles that read the same.
+
+    The title is normalised (Unicode NFKC, so full-width letters and spaces
+    become half-width; stripped; whitespace runs collapsed to one space;
+    lowercased) and hashed with blake2b (8 bytes). Unlike ``hash()``, the
+    key is the same in every process and run, so DataLoader workers and DDP
+    ranks agree.
+
+    Args:
+        text: The title (caption) of a sample.
+
+    Returns:
+        An int in the int64 range, usable as ``torch.long``.
+    """
+    norm = " ".join(unicodedata.normalize("NFKC", text).split()).lower()
+    digest = hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 class LMDBPairs(Dataset):
@@ -85,7 +107,9 @@ class LMDBPairs(Dataset):
         if self.augment is not None:
             img = self.augment(img)
         item = {"index": index, "image_id": image_id, "view": view, "image": self.transform(img),
-                "text": tokenize([preprocess_text(text)], context_length=self.context_length)[0]}
+                "text": tokenize([preprocess_text(text)], context_length=self.context_length)[0],
+                # Equal titles are positives of each other with TrainConfig.title_positives.
+                "title_key": torch.tensor(title_key(text), dtype=torch.long)}
         if self.teacher_transform is not None:
             item["teacher_image"] = self.teacher_transform(img)
         size = sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))

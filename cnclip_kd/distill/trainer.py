@@ -45,6 +45,7 @@ from .config import CHECKPOINT_LATEST, NonFiniteLossError, TrainConfig, TrainRes
 from .losses import DistillationLoss, build_kd_loss
 from .pairs import LMDBPairs, epoch_batches, train_augmentation
 from .teacher_cache import TeacherFeatureCache, ViewAugment, build_teacher_cache, epoch_views
+from .unlabelled import KdImageFeed, build_kd_feed, check_kd_config
 from .validation import evaluate_lmdb
 
 if TYPE_CHECKING:
@@ -113,8 +114,13 @@ class _StudentWithKD(torch.nn.Module):
         self.clip = clip
         self.kd = kd
 
-    def forward(self, images, texts):
-        return self.clip(images, texts)
+    def forward(self, images, texts, extra_images=None):
+        if extra_images is None:
+            return self.clip(images, texts)
+        # kd_images: one pass of the image tower over labelled + unlabelled images, split after. cn_clip
+        # normalises each row alone, so only a ResNet student's batch-norm statistics see the extra images.
+        img, txt, scale = self.clip(torch.cat([images, extra_images]), texts)
+        return img[:images.shape[0]], txt, scale, img[images.shape[0]:]
 
 
 # --------------------------------------------------------------------------- building the run
@@ -249,6 +255,7 @@ class _RunFolder:
         self.history_path = self.path / "history.jsonl"
         self.history: list[dict] = []
         self.validation: list[dict] = []
+        self.summary: dict = {}  # more entries for metrics.json (what kd_images gave)
 
     def prepare(self) -> None:
         """Create the folder, drop half-written checkpoints of a killed attempt, write ``config.json``."""
@@ -277,7 +284,7 @@ class _RunFolder:
             full = read_history(run_dir)
             vals = [r for r in full if r.get("type") == "val"]
             final = {"steps": step, "epochs": epoch, "kd_loss": cfg.kd_loss if cfg.distillation else None,
-                     "teacher": cfg.teacher_model_name if cfg.distillation else None,
+                     "teacher": cfg.teacher_model_name if cfg.distillation else None, **self.summary,
                      **({k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {})}
             tmp = run_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(final, indent=1))
@@ -385,11 +392,14 @@ class _Learner:
 
     def __init__(self, d: Dist, module: _StudentWithKD, forward: Callable, loss_fn: torch.nn.Module,
                  teacher: Teacher | None, cache: TeacherFeatureCache | None, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, lr_at: Callable[[int], float], autocast_dtype):
+                 scaler: torch.amp.GradScaler | None, lr_at: Callable[[int], float], autocast_dtype,
+                 title_positives: bool = False, kd_feed: KdImageFeed | None = None):
         self.d, self.module, self.forward, self.loss_fn = d, module, forward, loss_fn
         self.teacher, self.cache = teacher, cache
         self.optimizer, self.scaler, self.lr_at = optimizer, scaler, lr_at
         self.autocast_dtype = autocast_dtype
+        self.title_positives = title_positives  # pass the batch's title keys to the loss
+        self.kd_feed = kd_feed  # unlabelled photos for the KD term (kd_images), or None
         self.finite: torch.Tensor | None = None  # all losses since the last optimizer step were finite
 
     def train_mode(self) -> None:
@@ -397,8 +407,11 @@ class _Learner:
         if self.teacher is not None:
             self.teacher.train()  # a no-op by design: the teacher stays in eval mode
 
-    def micro_batch(self, batch: dict, accum_freq: int) -> dict:
-        """Student forward, loss (with the teacher's features), backward; returns the losses."""
+    def micro_batch(self, batch: dict, accum_freq: int, extra: dict | None = None) -> dict:
+        """Student forward, loss (with the teacher's features), backward; returns the losses.
+
+        ``extra``: a batch of unlabelled photos (kd_images), encoded in the same forward, seen by the KD term only.
+        """
         device = self.d.device
         images = batch["image"].to(device, non_blocking=True)
         texts = batch["text"].to(device, non_blocking=True)
@@ -409,9 +422,17 @@ class _Learner:
             else:
                 with torch.no_grad(), _autocast(device, self.autocast_dtype):
                     teacher_feats = self.teacher.encode_image(batch["teacher_image"].to(device, non_blocking=True))
+        extra_in, extra_kw = (), {}
+        if extra is not None:
+            extra_in = (extra["image"].to(device, non_blocking=True),)
+            extra_kw["extra_teacher_features"] = self.kd_feed.teacher_features(extra, self.teacher, device,
+                                                                               self.autocast_dtype)
         with _autocast(device, self.autocast_dtype):
-            img_f, txt_f, scale = self.forward(images, texts)
-            losses = self.loss_fn(img_f, txt_f, scale, teacher_feats)
+            img_f, txt_f, scale, *extra_f = self.forward(images, texts, *extra_in)
+            if extra_f:
+                extra_kw["extra_image_features"] = extra_f[0]
+            keys = batch["title_key"].to(device, non_blocking=True) if self.title_positives else None
+            losses = self.loss_fn(img_f, txt_f, scale, teacher_feats, title_keys=keys, **extra_kw)
         total = losses["total"]
         ok = torch.isfinite(total.detach())
         self.finite = ok if self.finite is None else self.finite & ok
@@ -482,6 +503,9 @@ class _EpochLoop:
         """Train the rest of the current epoch; True when the run reached its last step."""
         cfg, schedule, learner = self.cfg, self.schedule, self.learner
         loader = _epoch_loader(cfg, self.d, self.dataset, schedule, self.views, self.epoch, self.epoch_step)
+        feed = learner.kd_feed  # its micro-batches run in step with the labelled ones, resumed at the same one
+        extra = None if feed is None else iter(feed.epoch_loader(
+            cfg, self.d, schedule.steps_per_epoch * cfg.accum_freq, self.epoch, self.epoch_step * cfg.accum_freq))
         self.bar = tqdm(total=schedule.steps_per_epoch, initial=self.epoch_step,
                         desc=f"epoch {self.epoch + 1}/{schedule.max_epochs}", unit="step", disable=not self.d.is_main)
         done = False
@@ -489,7 +513,7 @@ class _EpochLoop:
         micro = 0
         learner.optimizer.zero_grad(set_to_none=True)
         for batch in loader:
-            losses = learner.micro_batch(batch, cfg.accum_freq)
+            losses = learner.micro_batch(batch, cfg.accum_freq, None if extra is None else next(extra))
             micro += 1
             if micro % cfg.accum_freq:
                 continue
@@ -576,12 +600,17 @@ def train(config: TrainConfig | dict) -> TrainResult:
         NonFiniteLossError: The loss became NaN/inf (the last good checkpoint is kept).
         cnclip_kd.models.teachers.TeacherLoadError: The teacher could not be loaded.
         ModelLoadError: The student could not be built or loaded.
+        FileNotFoundError: ``kd_images`` does not exist.
+        cnclip_kd.data.dataset.DataError: ``kd_images`` holds no usable photo.
     """
     cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     if not cfg.train_data:
         raise ValueError("train_data is required (an lmdb/train folder written by `cnclip-kd prepare`)")
     if cfg.distillation and not cfg.teacher_model_name:
         raise ValueError("distillation needs teacher_model_name (--teacher-model-name)")
+    if cfg.contrastive_weight < 0:
+        raise ValueError(f"contrastive_weight must be >= 0, got {cfg.contrastive_weight}")
+    check_kd_config(cfg)
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
@@ -594,10 +623,14 @@ def train(config: TrainConfig | dict) -> TrainResult:
     module = _StudentWithKD(student.clip, kd).to(d.device)
     if student.resume_own and kd is not None and student.start_ckpt.get("kd_state"):
         module.kd.load_state_dict(student.start_ckpt["kd_state"])
-    loss_fn = DistillationLoss(kd, kd_loss_weight=cfg.kd_loss_weight)
+    loss_fn = DistillationLoss(kd, kd_loss_weight=cfg.kd_loss_weight, contrastive_weight=cfg.contrastive_weight)
     autocast_dtype = resolve_precision(cfg.precision, d.device)
     views, cache = _teacher_features(cfg, d, teacher, autocast_dtype)
     dataset = _training_pairs(cfg, student.resolution, teacher, views, use_cache=cache is not None)
+    kd_feed = build_kd_feed(cfg, d, teacher, views, image_transform(student.resolution), use_cache=cache is not None,
+                            augment=train_augmentation(student.resolution) if cfg.use_augment else None,
+                            autocast_dtype=autocast_dtype)
+    folder.summary = kd_feed.describe() if kd_feed is not None else {}
     schedule = _Schedule.plan(cfg, len(dataset), d.world_size)
 
     optimizer, scaler = _build_optimizer(cfg, module, d.device, autocast_dtype)
@@ -609,7 +642,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     learner = _Learner(d, module, torch.compile(model) if cfg.compile else model, loss_fn, teacher, cache, optimizer,
-                       scaler, cosine_lr(cfg.lr, cfg.warmup, schedule.total_steps), autocast_dtype)
+                       scaler, cosine_lr(cfg.lr, cfg.warmup, schedule.total_steps), autocast_dtype,
+                       title_positives=cfg.title_positives, kd_feed=kd_feed)
     step, epoch = _EpochLoop(cfg, d, learner, dataset, views, schedule, student.resolution, checkpointer,
                              position).run()
     return folder.finish(step, epoch)

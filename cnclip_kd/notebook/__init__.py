@@ -11,6 +11,6 @@ __getattr__, __dir__, __all__ = lazy_face(__name__, {
     "fonts": ["setup_cjk_font"],
     "widget": ["QueryDemo"],
     "records": ["read_records", "record"],
-    "experiments": ["compare_kd", "preset_config", "table_markdown", "teacher_markdown"],
+    "experiments": ["compare_kd", "preset_config", "table_markdown", "teacher_markdown", "unlabelled_rows"],
     "demo": ["run_demo"],
 })

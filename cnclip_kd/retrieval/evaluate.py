@@ -35,8 +35,8 @@ from .index import GalleryIndex, exact_topk
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "compare_models", "embed_texts", "evaluate_index", "evaluate_text", "index_model", "metrics_row",
-    "text_columns", "write_comparison", "write_muge_predictions",
+    "chance_p_at_k", "compare_models", "embed_texts", "evaluate_index", "evaluate_text", "index_model", "margin_share",
+    "metrics_row", "text_columns", "write_comparison", "write_muge_predictions",
 ]
 
 #: Comparison columns of the text ↔ image evaluation (:func:`metrics_row`), in table order.
@@ -85,6 +85,57 @@ def evaluate_index(index: GalleryIndex, embeddings: np.ndarray | None = None, *,
         if key == "label":
             out["per_label"] = grouped_ranking_metrics(hits, n_relevant, labels, ks=ks)
     return out
+
+
+def chance_p_at_k(labels: Sequence[str], k: int = 10) -> float:
+    """Expected leave-one-out image→image P@k of a random ranking: the floor the category metric starts from.
+
+    Each query's neighbours are the other ``N − 1`` items in random order; every one of its top ``k`` is
+    of the query's label with probability ``(n_same − 1) / (N − 1)``, so the expected P@k is the mean over
+    queries of that share, whatever ``k`` is (``k`` is kept for clarity; it assumes ``N − 1 ≥ k``, as the
+    metric does). The queries are the ones :func:`evaluate_index` keeps: a known label (not ``""``/``None``)
+    that another item shares; every item, unknown labels too, is in the gallery (``N``). E.g. labels
+    ``a, a, b, b, b``: (2 × 1/4 + 3 × 2/4) / 5 = 0.4.
+
+    Args:
+        labels: The label of each item of the split (e.g. ``read_labels(data_dir, "test")``'s ``"label"``).
+        k: Depth of the P@k it is the chance level of (does not change the expectation).
+
+    Returns:
+        The expected P@k, in [0, 1].
+
+    Raises:
+        ValueError: Fewer than two items, ``k < 1``, or no query with a label that another item shares.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    names = ["" if x is None else str(x) for x in labels]
+    n = len(names)
+    if n < 2:
+        raise ValueError(f"chance P@{k} needs at least two items, got {n}")
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    shares = [(counts[name] - 1) / (n - 1) for name in names if name and counts[name] > 1]
+    if not shares:
+        raise ValueError(f"chance P@{k}: no item shares its label with another; there is no query to score")
+    return float(sum(shares) / len(shares))
+
+
+def margin_share(p_at_10: float, teacher: float, chance: float) -> float:
+    """The share of the teacher's margin over chance that a student closes.
+
+    Args:
+        p_at_10: The student's P@10.
+        teacher: The teacher's P@10 on the same split.
+        chance: The P@10 of a random ranking of that split (:func:`chance_p_at_k`).
+
+    Returns:
+        ``(p_at_10 − chance) / (teacher − chance)``: 0 at chance, 1 at the teacher; NaN when the teacher is
+        no better than chance (there is no margin to share).
+    """
+    margin = teacher - chance
+    return (p_at_10 - chance) / margin if margin > 0 else float("nan")
 
 
 def embed_texts(encoder: TextEncoder, texts: Sequence[str], out_dir: str | os.PathLike | None = None, *,

@@ -74,13 +74,9 @@ class MetaRows(collections.abc.Sequence):
         return out
 
     def concat(self, rows: Iterable[Mapping[str, Any]]) -> "MetaRows":
-        """These rows followed by ``rows`` (these kept as bytes, not decoded: an append costs the new rows).
-
-        The bytes go on the end of one shared, append-only buffer when these rows end it (a gallery
-        that only grows), so earlier row sets stay valid and nothing is copied; else they are copied.
-        """
-        out = MetaRows(rows)
-        end = int(self._offsets[-1])
+        """These rows followed by ``rows``, kept as bytes: appended to one shared append-only buffer when these
+        rows end it (earlier row sets stay valid; an append costs the new rows), else copied first."""
+        out, end = MetaRows(rows), int(self._offsets[-1])
         blob = self._blob if isinstance(self._blob, bytearray) and len(self._blob) == end else bytearray(self._blob[:end])
         out._offsets = np.concatenate([self._offsets, out._offsets[1:] + end])
         blob += out._blob
