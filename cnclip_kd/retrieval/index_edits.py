@@ -400,6 +400,7 @@ class IndexEdits(IndexRebuild):
                                            _reader=None)
         if self.embeddings is not None:
             self.embeddings = np.asarray(self.embeddings[keep], dtype=np.float32)
+        self._emb_buf = self._emb_view = None  # the old buffer (with its spare room) is no longer the embeddings
         self._row_of = {int(i): r for r, i in enumerate(self.gallery.ids)}
 
     def _edited(self, added: int = 0, removed: int = 0) -> None:

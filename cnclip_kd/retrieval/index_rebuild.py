@@ -106,6 +106,7 @@ class IndexRebuild:
             self.index, self._search_index = fresh.index, fresh._search_index
             self.gallery, self.embeddings, self._row_of = fresh.gallery, fresh.embeddings, fresh._row_of
             self._removed = fresh._removed
+            self._emb_buf = self._emb_view = None  # let the old embeddings' spare-room buffer go
             self._columns.clear()
             self._masks.clear()
             self.stats = {**old_stats, **fresh.stats}
