@@ -399,8 +399,8 @@ class DistillationLoss(nn.Module):
             extra_image_features: Student embeddings ``[E, D_s]`` of images
                 without a title; they enter only the KD term, which is computed
                 on ``cat([image_features, extra_image_features])``. Under
-                torch.distributed every rank must pass them (``E`` may be 0
-                and may differ between ranks) whenever one does.
+                torch.distributed every rank must pass them (``E`` >= 1, may
+                differ between ranks) whenever one does.
             extra_teacher_features: Teacher embeddings ``[E, D_t]`` of those
                 images.
 
