@@ -127,7 +127,7 @@ def test_a_tiny_run_distils_on_the_unlabelled_photos(small_data, photos, tmp_pat
                     "preset": "tiny", "batch_size": 8, "max_steps": 2, "warmup": 1, "num_workers": 0,
                     "device": "cpu", "seed": 5, "distillation": True, "teacher_model_name": TEACHER,
                     "kd_loss": "relation", "augment_views": 2, "kd_images": str(photos), "kd_images_ratio": 0.5,
-                    "teacher_batch_size": 16})
+                    "teacher_batch_size": 16, "teacher_precision": "fp32"})
     rows = [r for r in result.history if r.get("type") != "val"]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/kd_relation"])) for r in rows)
     assert len(seen) == 2 and all(s is not None and s[0] == 4 for s in seen)  # 0.5 × batch 8 per step

@@ -444,7 +444,7 @@ def _ddp_worker(rank, world_size, init_file, data_path, out_dir):
     try:
         data = torch.load(data_path)
         results = {}
-        for split in data["splits"]:
+        for split, extra_split in zip(data["splits"], data["extra_splits"]):
             start = sum(split[:rank])
             rows = slice(start, start + split[rank])
             for name in data["kinds"]:
@@ -462,9 +462,29 @@ def _ddp_worker(rank, world_size, init_file, data_path, out_dir):
             loss = ClipLoss()(img, txt, torch.tensor(10.0))["contrastive"]
             loss.backward()
             results[(tuple(split), "clip")] = {"loss": loss.item(), "img_grad": img.grad, "txt_grad": txt.grad}
+            erows = slice(sum(extra_split[:rank]), sum(extra_split[:rank + 1]))
+            results[(tuple(split), "titles")] = _titles_case(data, rows, erows)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks are past their last collective before either closes its sockets: a gloo peer whose
+        # socket closes while it still reads aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _titles_case(data, rows, erows):
+    """Title keys (shared across ranks) and extra KD-only images (own, uneven sizes)."""
+    img = data["clip_img"][rows].clone().requires_grad_()
+    txt = data["clip_txt"][rows].clone().requires_grad_()
+    extra = data["extra_img"][erows].clone().requires_grad_()
+    keys = data["keys"][rows]
+    out = DistillationLoss(RelationKDLoss(), contrastive_weight=0.5)(
+        img, txt, torch.tensor(10.0), data["teacher"][rows], title_keys=keys,
+        extra_image_features=extra, extra_teacher_features=data["extra_teacher"][erows])
+    out["total"].backward()
+    clip = ClipLoss()(img.detach(), txt.detach(), torch.tensor(10.0), title_keys=keys)["contrastive"]
+    return {"losses": {k: v.item() for k, v in out.items()}, "clip": clip.item(),
+            "img_grad": img.grad, "txt_grad": txt.grad, "extra_grad": extra.grad}
 
 
 def test_ddp_loss_and_gradients_match_single_process(tmp_path):
@@ -482,6 +502,11 @@ def test_ddp_loss_and_gradients_match_single_process(tmp_path):
         "clip_txt": _randn(_N, _D_S, seed=34),
         "kinds": kinds,
         "splits": splits,
+        # Key 0 repeats inside rank 0, key 1 across the ranks (rows 1 and 5).
+        "keys": torch.tensor([0, 1, 2, 0, 3, 1, 4, 5]),
+        "extra_img": _randn(3, _D_S, seed=35),
+        "extra_teacher": _randn(3, _D_T, seed=36),
+        "extra_splits": [[2, 1], [1, 2]],  # every rank passes >= 1 (the trainer always does)
     }
     torch.save(data, tmp_path / "data.pt")
     mp.spawn(
@@ -535,3 +560,17 @@ def test_ddp_loss_and_gradients_match_single_process(tmp_path):
             torch.testing.assert_close(got["img_grad"], world_size * img.grad[rows], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(got["txt_grad"], world_size * txt.grad[rows], atol=1e-5, rtol=1e-4)
 
+    ref = _titles_case(data, slice(0, _N), slice(0, 3))
+    assert ref["clip"] != pytest.approx(ref_loss.item(), abs=1e-3)  # the repeated keys matter
+    for split, extra_split in zip(splits, data["extra_splits"]):
+        for rank, results in enumerate(per_rank):
+            got, where = results[(tuple(split), "titles")], f"titles split={split} rank={rank}"
+            assert got["clip"] == pytest.approx(ref["clip"], abs=1e-5), where
+            for key, value in ref["losses"].items():
+                assert got["losses"][key] == pytest.approx(value, abs=1e-5), f"{where} {key}"
+            start, estart = sum(split[:rank]), sum(extra_split[:rank])
+            for feat, rows in (("img_grad", slice(start, start + split[rank])),
+                               ("txt_grad", slice(start, start + split[rank])),
+                               ("extra_grad", slice(estart, estart + extra_split[rank]))):
+                torch.testing.assert_close(got[feat], world_size * ref[feat][rows], atol=1e-5, rtol=1e-4,
+                                           msg=f"{where} {feat}")

@@ -75,7 +75,7 @@ def _config(data: Path, logs: Path, name: str, **overrides) -> dict:
     cfg = {"train_data": str(data / "lmdb" / "train"), "val_data": str(data / "lmdb" / "valid"),
            "logs": str(logs), "name": name, "preset": "tiny", "batch_size": BATCH, "valid_batch_size": 64,
            "max_epochs": 2, "lr": 1e-3, "warmup": 2, "num_workers": 0, "valid_num_workers": 0,
-           "teacher_batch_size": 16, "device": "cpu", "seed": 7}
+           "teacher_batch_size": 16, "teacher_precision": "fp32", "device": "cpu", "seed": 7}
     cfg.update(overrides)
     return cfg
 
@@ -333,11 +333,28 @@ def test_input_side_must_fit_the_patch_grid(side, message):
         load_student(None, preset="tiny", image_resolution=side)
 
 
-def test_resnet_students_keep_their_input_side():
-    with pytest.raises(ModelLoadError, match="only ViT students can change their input side"):
-        load_student(None, preset="demo-resnet", image_resolution=32)
-    model, info = load_student(None, preset="demo-resnet", image_resolution=64)  # its own side: fine
-    assert info["image_resolution"] == 64
+def test_resnet_students_change_their_input_side_in_steps_of_32():
+    from cnclip_kd.models.students import build_model, load_weights, model_info
+
+    with pytest.raises(ModelLoadError, match="not a multiple of 32 .a ResNet's stride.: use 96 or 128"):
+        load_student(None, preset="demo-resnet", image_resolution=100)
+    model, info = load_student(None, preset="demo-resnet", image_resolution=96)
+    assert info["image_resolution"] == 96
+    assert tuple(model.visual.attnpool.positional_embedding.shape) == (3 * 3 + 1, 16 * 32)
+    assert tuple(model.encode_image(torch.zeros(2, 3, 96, 96)).shape) == (2, 256)
+
+    # Weights trained at 64 px (a 2×2 grid + the pooled token) load at 96 px: the grid is resized, the rest kept.
+    small = build_model(model_info(preset="demo-resnet"))
+    sd = {f"module.{k}": v.clone() for k, v in small.state_dict().items()}
+    grid = torch.arange(4, dtype=torch.float32).repeat_interleave(512).reshape(4, 512)  # cells 0, 1, 2, 3
+    sd["module.visual.attnpool.positional_embedding"] = torch.cat([torch.full((1, 512), 7.0), grid])
+    big = build_model(info)
+    load_weights(big, sd)
+    pos = big.visual.attnpool.positional_embedding.detach()
+    assert torch.equal(pos[0], torch.full((512,), 7.0))  # the pooled token's own position is not a grid cell
+    corners = pos[1:].reshape(3, 3, 512)[[0, 0, -1, -1], [0, -1, 0, -1], 0]
+    assert corners.tolist() == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-5)  # align_corners keeps the corners
+    torch.testing.assert_close(big.visual.layer1[0].conv1.weight, small.visual.layer1[0].conv1.weight)
 
 
 # --------------------------------------------------------------------------- exact resume after SIGKILL
@@ -658,6 +675,43 @@ def test_augmented_views_cached_once_and_equal_to_an_online_teacher(data, teache
     assert spy.calls == {"cache": 0, "train": 0}
     with pytest.raises(ValueError, match="augment_views"):
         train(_config(data, tmp_path / "runs", "bad", augment_views=-1, max_steps=1))
+
+
+def test_teacher_precision_keys_the_cache_and_runs_the_teacher_in_that_dtype(data, teacher_dir, tmp_path):
+    """A bf16 teacher cache is another cache (not a reuse of the fp32 one) and holds the bf16 teacher's features."""
+    from cnclip_kd.core.precision import native_bf16, resolve_teacher_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_teacher_precision("auto", cpu) == (torch.bfloat16 if native_bf16() else None)
+    assert resolve_teacher_precision("fp32", cpu) is None
+    assert resolve_teacher_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="teacher precision 'half'"):
+        resolve_teacher_precision("half", cpu)
+
+    common = dict(distillation=True, teacher_model_name=str(teacher_dir), kd_loss="relation", val_data=None,
+                  max_steps=1)
+    metas = {}
+    for precision in ("fp32", "bf16"):
+        train(_config(data, tmp_path / "runs", f"p-{precision}", teacher_precision=precision, **common))
+        new = {p.name: p for p in (tmp_path / "runs" / "teacher-cache").iterdir()}.keys() - metas.keys()
+        (key,) = new
+        metas[key] = json.loads((tmp_path / "runs" / "teacher-cache" / key / "meta.json").read_text())
+    assert sorted(m["precision"] for m in metas.values()) == ["bfloat16", "fp32"]
+    bf16_dir = next(tmp_path / "runs" / "teacher-cache" / k for k, m in metas.items() if m["precision"] == "bfloat16")
+
+    teacher = load_teacher(str(teacher_dir))
+    ds = LMDBImages(data / "lmdb" / "train", teacher.transform)
+    images = torch.stack([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = teacher.encode_image(images).float()
+    cached = TeacherFeatureCache(bf16_dir).lookup(torch.tensor(ds.image_ids))
+    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        fp32 = teacher.encode_image(images)
+    assert not torch.allclose(cached, fp32, rtol=1e-5, atol=1e-6)  # bf16 really ran
+    assert torch.nn.functional.cosine_similarity(cached, fp32).min() > 0.98
+    with pytest.raises(ValueError, match="teacher precision"):
+        train(_config(data, tmp_path / "runs", "p-bad", teacher_precision="half", **common))
 
 
 # --------------------------------------------------------------------------- NaN stop

@@ -12,6 +12,6 @@ __getattr__, __dir__, __all__ = lazy_face(__name__, {
     "images": ["CLIP_MEAN", "CLIP_STD", "DEFAULT_MAX_PIXELS", "BadImageError", "TooManyPixelsError", "encode_jpeg",
                "fit_max_side", "load_image"],
     "tokenizer": ["CONTEXT_LENGTH", "NoTextTowerError", "QueryError", "check_query", "tokenize"],
-    "precision": ["native_bf16", "resolve_precision", "set_torch_threads"],
+    "precision": ["native_bf16", "resolve_precision", "resolve_teacher_precision", "set_torch_threads"],
     "distributed": ["finish_distributed", "init_distributed"],
 })

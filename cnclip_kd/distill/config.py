@@ -49,6 +49,9 @@ class TrainConfig:
         teacher_vision_model: Vision architecture of a cn_clip-checkpoint teacher (if it does not record it).
         teacher_text_model: Text architecture of a cn_clip-checkpoint teacher.
         teacher_batch_size: Batch size when computing the teacher-feature cache.
+        teacher_precision: The frozen teacher's precision: ``auto`` (bf16 on a CPU with native bf16 and on a
+            GPU, fp16 on GPUs without bf16, fp32 on other CPUs), ``fp32``, ``bf16`` or ``fp16``. Part of the
+            teacher cache's key.
         download_root: Where cn_clip pretrained weights / the ModelScope cache live.
         teacher_cache: Compute the teacher's features once and reuse them (of every view with ``augment_views``;
             not with ``use_augment``, whose random augmentation needs the teacher online).
@@ -114,6 +117,7 @@ class TrainConfig:
     teacher_cache: bool = True
     teacher_cache_dir: str | None = None
     teacher_batch_size: int = 64
+    teacher_precision: str = "auto"
     kd_images: str = ""
     kd_images_ratio: float = 0.5
     batch_size: int = 128

@@ -116,11 +116,14 @@ def _dataset_fingerprint(lmdb_dir: Path) -> str:
 
 
 def teacher_cache_key(teacher, lmdb_dir: str | os.PathLike, augment: ViewAugment | None = None,
-                      views: int = 0) -> str:
-    """Cache key: (dataset fingerprint, teacher weights and preprocessing, views and their augmentation)."""
+                      views: int = 0, autocast_dtype=None) -> str:
+    """Cache key: (dataset fingerprint, teacher weights and preprocessing, views and their augmentation,
+    the teacher's autocast dtype when not fp32)."""
     text = f"{_dataset_fingerprint(Path(lmdb_dir))}|{teacher.fingerprint()}"
     if views:
         text += f"|{views}|{json.dumps(augment.describe(), sort_keys=True)}"
+    if autocast_dtype is not None:
+        text += f"|{autocast_dtype}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -169,7 +172,7 @@ def build_teacher_cache(teacher, lmdb_dir: str | os.PathLike, root: str | os.Pat
     if views and augment is None:
         raise ValueError("views > 0 needs augment (a ViewAugment)")
     lmdb_dir = Path(lmdb_dir)
-    path = Path(root) / teacher_cache_key(teacher, lmdb_dir, augment, views)
+    path = Path(root) / teacher_cache_key(teacher, lmdb_dir, augment, views, autocast_dtype)
     if (path / "meta.json").is_file():
         logger.info("teacher features: reusing cache %s", path)
         return TeacherFeatureCache(path)
@@ -206,7 +209,9 @@ def build_teacher_cache(teacher, lmdb_dir: str | os.PathLike, root: str | os.Pat
             "teacher": teacher.name, "kind": teacher.kind, "embed_dim": int(part_feats.shape[-1]),
             "n_images": int(len(part_ids)), "views": int(views),
             "augment": augment.describe() if views else None, "lmdb": str(lmdb_dir.resolve()),
-            "teacher_fingerprint": teacher.fingerprint()}, indent=1))
+            "teacher_fingerprint": teacher.fingerprint(),
+            "precision": str(autocast_dtype).replace("torch.", "") if autocast_dtype is not None else "fp32"},
+            indent=1))
         if path.exists():  # another run finished first; theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
         else:

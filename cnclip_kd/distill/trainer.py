@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..core.distributed import Dist, init_distributed
 from ..core.distributed import autocast as _autocast
 from ..core.distributed import barrier as _barrier
-from ..core.precision import resolve_precision
+from ..core.precision import resolve_precision, resolve_teacher_precision
 from ..models.students import (
     ModelLoadError,
     build_model,
@@ -393,11 +393,12 @@ class _Learner:
     def __init__(self, d: Dist, module: _StudentWithKD, forward: Callable, loss_fn: torch.nn.Module,
                  teacher: Teacher | None, cache: TeacherFeatureCache | None, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, lr_at: Callable[[int], float], autocast_dtype,
-                 title_positives: bool = False, kd_feed: KdImageFeed | None = None):
+                 title_positives: bool = False, kd_feed: KdImageFeed | None = None, teacher_dtype=None):
         self.d, self.module, self.forward, self.loss_fn = d, module, forward, loss_fn
         self.teacher, self.cache = teacher, cache
         self.optimizer, self.scaler, self.lr_at = optimizer, scaler, lr_at
         self.autocast_dtype = autocast_dtype
+        self.teacher_dtype = teacher_dtype  # the online teacher's autocast (TrainConfig.teacher_precision)
         self.title_positives = title_positives  # pass the batch's title keys to the loss
         self.kd_feed = kd_feed  # unlabelled photos for the KD term (kd_images), or None
         self.finite: torch.Tensor | None = None  # all losses since the last optimizer step were finite
@@ -420,13 +421,13 @@ class _Learner:
             if self.cache is not None:
                 teacher_feats = self.cache.lookup(batch["image_id"], batch["view"]).to(device, non_blocking=True)
             else:
-                with torch.no_grad(), _autocast(device, self.autocast_dtype):
+                with torch.no_grad(), _autocast(device, self.teacher_dtype):
                     teacher_feats = self.teacher.encode_image(batch["teacher_image"].to(device, non_blocking=True))
         extra_in, extra_kw = (), {}
         if extra is not None:
             extra_in = (extra["image"].to(device, non_blocking=True),)
             extra_kw["extra_teacher_features"] = self.kd_feed.teacher_features(extra, self.teacher, device,
-                                                                               self.autocast_dtype)
+                                                                               self.teacher_dtype)
         with _autocast(device, self.autocast_dtype):
             img_f, txt_f, scale, *extra_f = self.forward(images, texts, *extra_in)
             if extra_f:
@@ -625,11 +626,12 @@ def train(config: TrainConfig | dict) -> TrainResult:
         module.kd.load_state_dict(student.start_ckpt["kd_state"])
     loss_fn = DistillationLoss(kd, kd_loss_weight=cfg.kd_loss_weight, contrastive_weight=cfg.contrastive_weight)
     autocast_dtype = resolve_precision(cfg.precision, d.device)
-    views, cache = _teacher_features(cfg, d, teacher, autocast_dtype)
+    teacher_dtype = resolve_teacher_precision(cfg.teacher_precision, d.device)
+    views, cache = _teacher_features(cfg, d, teacher, teacher_dtype)
     dataset = _training_pairs(cfg, student.resolution, teacher, views, use_cache=cache is not None)
     kd_feed = build_kd_feed(cfg, d, teacher, views, image_transform(student.resolution), use_cache=cache is not None,
                             augment=train_augmentation(student.resolution) if cfg.use_augment else None,
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=teacher_dtype)
     folder.summary = kd_feed.describe() if kd_feed is not None else {}
     schedule = _Schedule.plan(cfg, len(dataset), d.world_size)
 
@@ -643,7 +645,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     learner = _Learner(d, module, torch.compile(model) if cfg.compile else model, loss_fn, teacher, cache, optimizer,
                        scaler, cosine_lr(cfg.lr, cfg.warmup, schedule.total_steps), autocast_dtype,
-                       title_positives=cfg.title_positives, kd_feed=kd_feed)
+                       title_positives=cfg.title_positives, kd_feed=kd_feed, teacher_dtype=teacher_dtype)
     step, epoch = _EpochLoop(cfg, d, learner, dataset, views, schedule, student.resolution, checkpointer,
                              position).run()
     return folder.finish(step, epoch)

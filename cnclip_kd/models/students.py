@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -55,6 +56,8 @@ PRESETS: dict[str, dict] = {
                      "vision_patch_size": None, "vision_head_width": 64, **_TINY_TEXT, "text_hidden_size": 128,
                      "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
 }
+
+_RESNET_STRIDE = 32  # ModifiedResNet: stem 4× and three 2× stages
 
 #: cn_clip pretrained names → (vision, text) architecture, as cn_clip's _MODEL_INFO says.
 PRETRAINED = {
@@ -248,25 +251,26 @@ def with_resolution(info: dict, image_resolution: int | None) -> dict:
 
     The side sets a ViT's token count, ``(side / patch)² + 1``, and so its cost:
     ViT-B-16 at 128 runs 65 tokens instead of 197 at 224, about 3× less compute
-    per image (the CPU-latency lever of notebook 06).
+    per image (the CPU-latency lever of notebook 06). A ResNet (RN50, ``demo-resnet``)
+    takes any multiple of 32; its attention pool's position grid is resized like a
+    ViT's when weights trained at another side are loaded.
 
     Args:
         info: A merged cn_clip config (:func:`model_info`).
         image_resolution: The new side, or ``None`` / 0 to keep ``info``'s.
 
     Raises:
-        ModelLoadError: Not a ViT, or not a positive multiple of its patch size.
+        ModelLoadError: Not a positive multiple of the ViT's patch size (32 for a ResNet).
     """
     if not image_resolution or int(image_resolution) == int(info["image_resolution"]):
         return info
     side = int(image_resolution)
-    patch = info.get("vision_patch_size")
-    if not patch:
-        raise ModelLoadError(f"image_resolution {side}: only ViT students can change their input side "
-                             f"(this is a ResNet trained at {info['image_resolution']})")
-    if side < patch or side % patch:
-        near = [n for n in (side // patch * patch, (side // patch + 1) * patch) if n >= patch]
-        raise ModelLoadError(f"image_resolution {side} is not a multiple of the patch size {patch}: use "
+    # A ResNet (cn_clip's ModifiedResNet) downsamples 32×; its attention pool has a position per cell.
+    step = info.get("vision_patch_size") or _RESNET_STRIDE
+    if side < step or side % step:
+        near = [n for n in (side // step * step, (side // step + 1) * step) if n >= step]
+        what = f"the patch size {step}" if info.get("vision_patch_size") else f"{step} (a ResNet's stride)"
+        raise ModelLoadError(f"image_resolution {side} is not a multiple of {what}: use "
                              + " or ".join(map(str, near)))
     return {**info, "image_resolution": side}
 
@@ -277,12 +281,28 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str | os.Path
 
     sd = strip_module_prefix(state_dict)
     resize_pos_embed(sd, model)
+    _resize_attnpool_grid(sd, model)
     try:
         model.load_state_dict(sd)
     except RuntimeError as err:
         raise ModelLoadError(f"{source}: weights do not fit the architecture; is it the right "
                              f"vision/text model (e.g. --vision-model ViT-H-14 --text-model "
                              f"RoBERTa-wwm-ext-large-chinese)? ({str(err)[:500]})") from err
+
+
+def _resize_attnpool_grid(sd: dict, model: torch.nn.Module) -> None:
+    """Resize a ResNet's attention-pool position grid in ``sd`` to ``model``'s (bicubic, as cn_clip does a ViT's)."""
+    key = "visual.attnpool.positional_embedding"
+    pool = getattr(getattr(model, "visual", None), "attnpool", None)
+    if key not in sd or pool is None or sd[key].shape == pool.positional_embedding.shape:
+        return
+    old, new = sd[key], pool.positional_embedding
+    old_grid, new_grid = math.isqrt(old.shape[0] - 1), math.isqrt(new.shape[0] - 1)
+    if old_grid ** 2 + 1 != old.shape[0] or old.shape[1] != new.shape[1]:
+        return  # not a grid this model can take: load_state_dict names the mismatch
+    grid = old[1:].float().reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=True)
+    sd[key] = torch.cat([old[:1].float(), grid.permute(0, 2, 3, 1).reshape(new_grid ** 2, -1)]).to(old.dtype)
 
 
 def cnclip_state_dict(model: torch.nn.Module) -> dict:
