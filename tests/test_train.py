@@ -30,6 +30,7 @@ from cnclip_kd.distill.teacher_cache import LMDBImages, TeacherFeatureCache
 from cnclip_kd.distill.config import NonFiniteLossError, TrainConfig
 from cnclip_kd.distill.validation import evaluate_lmdb
 from cnclip_kd.distill.checkpoints import read_history
+from cnclip_kd.distill.losses import DistillationLoss
 from cnclip_kd.distill.trainer import train
 from teacher_fixtures import make_tiny_clip_teacher_dir, tiny_cnclip_config_files
 
@@ -449,6 +450,27 @@ def _cli_args(cfg: dict) -> list[str]:
     return args
 
 
+def _torchrun_train(cfg: dict, cwd: Path) -> tuple[Path, list[dict]]:
+    """``cnclip-kd train`` under ``torchrun --nproc_per_node 2`` in ``cwd``; the run folder and each rank's summary.
+
+    ``cfg["logs"]`` must be ``out/runs``: torchrun's own argument parser rejects a ``--logs`` anywhere on its
+    command line as an ambiguous abbreviation of its ``--logs-specs``, so logs stays at its default (under cwd).
+    """
+    env = {**_child_env(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "cnclip_kd.cli", "train", *_cli_args(cfg)]
+    assert "--logs" not in cmd
+    cwd.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summaries, rest, decoder = [], proc.stdout.strip(), json.JSONDecoder()
+    while rest:  # one JSON summary per rank (only rank 0's has the validation row)
+        obj, end = decoder.raw_decode(rest)
+        summaries.append(obj)
+        rest = rest[end:].strip()
+    return cwd / "out" / "runs" / cfg["name"], summaries
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(data, tmp_path, random_teacher):
     """torchrun --nproc_per_node 2 with batch 4 each = one process with batch 8: same losses, same weights."""
@@ -459,25 +481,11 @@ def test_ddp_two_cpu_processes_match_one_process(data, tmp_path, random_teacher)
               "lr": 1e-2, "eps": 1.0, "wd": 0.0, "warmup": 1, "save_epoch_frequency": 0}
     single = train(_config(data, tmp_path / "single", "run", batch_size=2 * 4, **common))
 
-    # logs stays at its default (out/runs, under cwd): torchrun's own argument parser rejects a
-    # `--logs` anywhere on its command line as an ambiguous abbreviation of its `--logs-specs`.
     cfg = _config(data, Path("out/runs"), "run", batch_size=4, **common)
-    env = {**_child_env(), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "cnclip_kd.cli", "train", *_cli_args(cfg)]
-    assert "--logs" not in cmd
-    (tmp_path / "ddp").mkdir()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path / "ddp")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summaries, rest, decoder = [], proc.stdout.strip(), json.JSONDecoder()
-    while rest:  # one JSON summary per rank (only rank 0's has the validation row)
-        obj, end = decoder.raw_decode(rest)
-        summaries.append(obj)
-        rest = rest[end:].strip()
+    run_dir, summaries = _torchrun_train(cfg, tmp_path / "ddp")
     assert summaries and all(s["steps"] == 2 for s in summaries)
     assert any(s["validation"] and 0 <= s["validation"]["val/p@10"] <= 1 for s in summaries)
 
-    run_dir = tmp_path / "ddp" / "out" / "runs" / "run"
     ddp_rows = _step_rows(read_history(run_dir))
     ref_rows = _step_rows(single.history)
     assert [r["step"] for r in ddp_rows] == [1, 2], "each step must be logged once (by rank 0)"
@@ -507,6 +515,38 @@ def test_ddp_two_cpu_processes_match_one_process(data, tmp_path, random_teacher)
     ids = torch.tensor(sorted(c1.row))
     assert sorted(c2.row) == ids.tolist() and len(ids) == N_TRAIN
     torch.testing.assert_close(c2.lookup(ids), c1.lookup(ids), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_title_positives_and_unlabelled_photos_match_one_process(data, tmp_path, random_teacher, monkeypatch):
+    """Title keys and the unlabelled KD photos are split over the ranks and gathered back: 2 × batch 8 with 4 extra
+    photos each = one process with batch 16 and 8 extra photos, step for step."""
+    common = {"distillation": True, "teacher_model_name": random_teacher, "kd_loss": "relation", "max_steps": 2,
+              "lr": 1e-2, "eps": 1.0, "wd": 0.0, "warmup": 1, "save_epoch_frequency": 0, "val_data": None,
+              "title_positives": True, "kd_images": str(data / "lmdb" / "valid"), "kd_images_ratio": 0.5}
+    keys_seen, forward = [], DistillationLoss.forward
+
+    def spy(self, *args, **kwargs):
+        keys_seen.append(kwargs.get("title_keys"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationLoss, "forward", spy)
+    single = train(_config(data, tmp_path / "single", "run", batch_size=2 * 8, **common))
+    # The batch's title keys reach the loss: seed 7's second batch of 16 repeats one title.
+    assert [len(set(k.tolist())) for k in keys_seen] == [16, 15]
+    run_dir, summaries = _torchrun_train(_config(data, Path("out/runs"), "run", batch_size=8, **common),
+                                         tmp_path / "ddp")
+    assert summaries and all(s["steps"] == 2 for s in summaries)
+    ref_rows, ddp_rows = _step_rows(single.history), _step_rows(read_history(run_dir))
+    assert [r["step"] for r in ddp_rows] == [1, 2]
+    for a, b in zip(ref_rows, ddp_rows, strict=True):
+        for k in ("loss/total", "loss/contrastive", "loss/kd_relation"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (b["step"], k)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["kd_images_n"] == json.loads((single.run_dir / "metrics.json").read_text())["kd_images_n"] > 0
+    ca, cb = _load(single.checkpoint), _load(run_dir / "checkpoints" / "epoch_latest.pt")
+    for k, v in ca["state_dict"].items():
+        torch.testing.assert_close(cb["state_dict"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
 # --------------------------------------------------------------------------- teacher cache, frozen teacher
