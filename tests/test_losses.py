@@ -465,8 +465,9 @@ def _ddp_worker(rank, world_size, init_file, data_path, out_dir):
             erows = slice(sum(extra_split[:rank]), sum(extra_split[:rank + 1]))
             results[(tuple(split), "titles")] = _titles_case(data, rows, erows)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-        # Both ranks are past their last collective before either closes its sockets: a gloo peer whose
-        # socket closes while it still reads aborts the process ("terminate called without an active exception").
+        # Both ranks are past their last collective before either closes its sockets (a peer closing while the
+        # other may still read is the suspected cause of a rare gloo abort at exit, "terminate called without an
+        # active exception").
         dist.barrier()
     finally:
         dist.destroy_process_group()
