@@ -619,3 +619,30 @@ def test_muge_input_skips_broken_lines(sample, tmp_path):
     assert "truncated" in reasons["valid_imgs.tsv:4"]
     assert set(report.counts) == set(SPLITS) and sum(report.counts["valid"].values()) == 59
     assert sum(report.counts["train"].values()) == 0  # MUGE splits are kept, not re-split
+
+
+def test_atomic_folder_replaces_keeps_or_leaves_the_target_as_it_was(tmp_path):
+    """The temp-folder-then-rename writer every stage uses (prepare, index, teacher cache, kd-images, export)."""
+    import os
+
+    from cnclip_kd.core.files import atomic_folder
+
+    out = tmp_path / "sub" / "out"
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not out.exists()  # nothing visible until the block ends
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "a.txt").read_text() == "1" and out.stat().st_mode & 0o777 == 0o777 & ~umask
+    with atomic_folder(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced whole
+    with atomic_folder(out, keep_existing=True) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # another writer finished first: theirs is kept
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(out) as tmp:
+            (tmp / "d.txt").write_text("4")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temp or old folder left behind

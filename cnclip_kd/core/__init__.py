@@ -7,7 +7,7 @@ no torch; the modules below hold the code.
 from .lazy import lazy_face
 
 __getattr__, __dir__, __all__ = lazy_face(__name__, {
-    "files": ["atomic_save_npy", "atomic_write_json", "atomic_write_text", "load_stamped", "save_stamped",
+    "files": ["atomic_folder", "atomic_save_npy", "atomic_write_json", "atomic_write_text", "load_stamped", "save_stamped",
               "swap_into_place"],
     "images": ["CLIP_MEAN", "CLIP_STD", "DEFAULT_MAX_PIXELS", "BadImageError", "TooManyPixelsError", "encode_jpeg",
                "fit_max_side", "load_image"],

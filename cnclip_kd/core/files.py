@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "atomic_save_npy", "atomic_write_json", "atomic_write_text", "load_stamped", "save_stamped",
+    "atomic_folder", "atomic_save_npy", "atomic_write_json", "atomic_write_text", "load_stamped", "save_stamped",
     "swap_into_place",
 ]
 
@@ -85,3 +88,32 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """A temp folder beside ``out_dir`` to fill; when the block ends it becomes ``out_dir`` in one rename.
+
+    On an error the temp folder is removed and ``out_dir`` is left as it was. The folder gets the permissions of
+    any new folder (``mkdtemp`` alone makes it 0700).
+
+    Args:
+        out_dir: The folder to write.
+        keep_existing: If ``out_dir`` exists when the block ends (another process finished the same work first),
+            keep it and drop ours; otherwise replace it (:func:`swap_into_place`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        if keep_existing and out_dir.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

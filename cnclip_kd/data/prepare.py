@@ -30,8 +30,6 @@ import logging
 import os
 import pickle
 import random
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,7 +40,7 @@ import lmdb
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core.files import swap_into_place
+from ..core.files import atomic_folder
 from ..core.images import DEFAULT_MAX_PIXELS, BadImageError, encode_jpeg, fit_max_side, load_image
 from .dataset import SPLITS, DataError, read_rows, read_text
 
@@ -584,12 +582,7 @@ def _write_and_report(out_dir: Path, good: Sequence[tuple[Record, bytes]], split
         The report of what was written.
     """
     image_ids = _number_images([rec for rec, _ in good])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset should be as readable as any folder
-    try:
+    with atomic_folder(out_dir) as tmp:
         counts, n_texts = _write_splits(tmp, good, splits, image_ids)
         report = PrepareReport(out_dir=str(out_dir), counts=counts, n_images=len(good), n_texts=n_texts,
                                skipped=skipped)
@@ -599,10 +592,6 @@ def _write_and_report(out_dir: Path, good: Sequence[tuple[Record, bytes]], split
         (tmp / "report.json").write_text(json.dumps(d, ensure_ascii=False, indent=1), encoding="utf-8")
         # The stamp is the last file written: its presence marks a complete dataset.
         (tmp / "prepare.json").write_text(json.dumps(stamp, ensure_ascii=False, indent=1), encoding="utf-8")
-        swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..core.distributed import Dist, autocast, barrier
+from ..core.files import atomic_folder
 from ..data.dataset import LmdbImages
 
 logger = logging.getLogger(__name__)
@@ -202,20 +202,17 @@ def build_teacher_cache(teacher, lmdb_dir: str | os.PathLike, root: str | os.Pat
             part_ids = np.concatenate([np.load(parts_dir / f"ids-{r}.npy") for r in range(d.world_size)])
             part_feats = np.concatenate([np.load(parts_dir / f"feats-{r}.npy") for r in range(d.world_size)])
     if d.is_main:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=root))
-        np.save(tmp / "features.npy", part_feats.astype(np.float32))
-        np.save(tmp / "image_ids.npy", part_ids.astype(np.int64))
-        (tmp / "meta.json").write_text(json.dumps({
-            "teacher": teacher.name, "kind": teacher.kind, "embed_dim": int(part_feats.shape[-1]),
-            "n_images": int(len(part_ids)), "views": int(views),
-            "augment": augment.describe() if views else None, "lmdb": str(lmdb_dir.resolve()),
-            "teacher_fingerprint": teacher.fingerprint(),
-            "precision": str(autocast_dtype).replace("torch.", "") if autocast_dtype is not None else "fp32"},
-            indent=1))
-        if path.exists():  # another run finished first; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        # keep_existing: another run that finished first wrote the same features.
+        with atomic_folder(path, keep_existing=True) as tmp:
+            np.save(tmp / "features.npy", part_feats.astype(np.float32))
+            np.save(tmp / "image_ids.npy", part_ids.astype(np.int64))
+            (tmp / "meta.json").write_text(json.dumps({
+                "teacher": teacher.name, "kind": teacher.kind, "embed_dim": int(part_feats.shape[-1]),
+                "n_images": int(len(part_ids)), "views": int(views),
+                "augment": augment.describe() if views else None, "lmdb": str(lmdb_dir.resolve()),
+                "teacher_fingerprint": teacher.fingerprint(),
+                "precision": str(autocast_dtype).replace("torch.", "") if autocast_dtype is not None else "fp32"},
+                indent=1))
         if d.world_size > 1:
             shutil.rmtree(Path(root) / f".parts-{path.name}", ignore_errors=True)
         logger.info("teacher features: %d images × %d views × %d written to %s", len(part_ids), views + 1,

@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -27,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.distributed import Dist, autocast, barrier
+from ..core.files import atomic_folder
 from ..core.images import DEFAULT_MAX_PIXELS
 from ..data.dataset import DataError, LmdbImages
 from ..data.prepare import Record, Skipped, encode_all, read_source, write_lmdb_split
@@ -88,9 +87,8 @@ def _load(folder: Path) -> KdImages:
 
 def _write(folder: Path, source: Path, good: list[tuple[Record, bytes]], skipped: list[Skipped]) -> None:
     """Write the images-only LMDB, ``skipped.json`` and ``meta.json`` into a temp folder, then rename it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # keep_existing: another process that finished first wrote the same folder.
+    with atomic_folder(folder, keep_existing=True) as tmp:
         images = [(i + 1, base64.urlsafe_b64encode(data).decode("utf-8")) for i, (_, data) in enumerate(good)]
         write_lmdb_split(tmp, images, [])  # cn_clip's layout; its `pairs` is empty (no titles)
         (tmp / "skipped.json").write_text(json.dumps([asdict(s) for s in skipped], ensure_ascii=False, indent=1),
@@ -98,13 +96,6 @@ def _write(folder: Path, source: Path, good: list[tuple[Record, bytes]], skipped
         (tmp / "meta.json").write_text(json.dumps({"source": str(source), "n_images": len(good),
                                                    "n_skipped": len(skipped)}, ensure_ascii=False, indent=1),
                                        encoding="utf-8")
-        if folder.exists():  # another process finished first; its folder is the same
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prepare_kd_images(source: str | os.PathLike, root: str | os.PathLike, *, max_side: int | None = _MAX_SIDE,

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import traceback
 import zipfile
@@ -44,6 +43,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ..core.files import atomic_folder
 from .image_teachers import ImageTeacherError, is_image_teacher, load_image_model
 from .students import cnclip_config_dir, strip_module_prefix, weights_fingerprint
 
@@ -760,9 +760,7 @@ def export_cnclip_teacher(model_or_checkpoint, out_dir: Union[str, os.PathLike],
     import cn_clip.clip
 
     vocab = Path(cn_clip.clip.__file__).resolve().parent / "vocab.txt"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         for fname, obj in (("configuration.json", configuration),
                            ("vision_model_config.json", vision),
                            ("text_model_config.json", text)):
@@ -770,16 +768,5 @@ def export_cnclip_teacher(model_or_checkpoint, out_dir: Union[str, os.PathLike],
                                      encoding="utf-8")
         shutil.copyfile(vocab, tmp / "vocab.txt")
         torch.save(sd, tmp / "pytorch_model.bin")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported cn_clip teacher (%s params) to %s", len(sd), out_dir)
     return out_dir

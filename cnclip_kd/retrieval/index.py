@@ -22,15 +22,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core.files import swap_into_place
+from ..core.files import atomic_folder
 from .filters import parse_where
 from .gallery import Gallery
 from .index_edits import IndexEdits
@@ -461,12 +459,7 @@ class GalleryIndex(IndexEdits):
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not (directory / "stats.json").is_file():
             raise FileExistsError(f"{directory} exists and is not a saved index; not replacing it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        with atomic_folder(directory) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "ids.npy", self.gallery.ids)
             (tmp / "gallery.json").write_text(json.dumps(self.gallery.to_json(relative_to=directory),
@@ -477,10 +470,6 @@ class GalleryIndex(IndexEdits):
                 (tmp / Path(fname).name).write_text(text, encoding="utf-8")
             (tmp / "stats.json").write_text(json.dumps(self.stats, ensure_ascii=False, indent=1, default=str),
                                             encoding="utf-8")
-            swap_into_place(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         logger.info("index saved to %s", directory)
         return directory
 
