@@ -58,13 +58,6 @@ TEXT_METRICS = ("t2i/r@1", "t2i/r@10", "t2i/mean", "t2i/cat-p@10")
 #: at every seed, mean share of the transductive row.
 SHARE_BAR, GAP_BAR, TRANSDUCTIVE_SHARE_BAR = 0.65, 0.08, 0.9
 
-#: Rows of unlabelled photos: variant name → (split whose photos are distilled on, row label).
-KD_IMAGE_ROWS = {
-    "inductive": ("valid", "KD + valid photos, unlabelled (inductive)"),
-    "transductive": ("test", "KD + test photos, unlabelled (transductive: distils on the gallery it searches)"),
-}
-
-
 def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
@@ -118,7 +111,7 @@ def recipe_tag(recipe: Mapping, preset_teacher: str | None = None) -> str:
     """The part of the run names that names the recipe: runs of different recipes never resume each other.
 
     The original six fields always; the newer ones (default KD loss, input side, title positives, contrastive
-    weight, unlabelled-image ratio) only where they differ from :class:`TrainConfig`'s defaults, so runs of
+    weight, unlabelled-image ratio, mixed views) only where they differ from :class:`TrainConfig`'s defaults, so runs of
     the default recipe keep their names; a teacher other than ``preset_teacher`` as a hash of its name.
     """
     from cnclip_kd.distill.config import TrainConfig
@@ -127,7 +120,7 @@ def recipe_tag(recipe: Mapping, preset_teacher: str | None = None) -> str:
     parts = [f"{k}{recipe[k]}" for k in ("preset", "max_epochs", "kd_loss_weight", "augment_views", "batch_size",
                                          "lr")]
     for key, short in (("kd_loss", "kd"), ("image_resolution", "res"), ("title_positives", "tp"),
-                       ("contrastive_weight", "cw"), ("kd_images_ratio", "kdr")):
+                       ("contrastive_weight", "cw"), ("kd_images_ratio", "kdr"), ("augment_mix", "mix")):
         value = recipe.get(key, getattr(defaults, key))
         if value != getattr(defaults, key):
             parts.append(f"{short}{value}")
@@ -166,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kd-images-ratio", type=float, default=0.0,
                    help="unlabelled photos per labelled sample in a batch (0: the preset's)")
     p.add_argument("--views", type=int, default=-1, help="augmented views per image (-1: the preset's)")
+    p.add_argument("--mix", type=float, default=-1.0,
+                   help="fraction of the views that blend two photos (mixup; -1: the preset's, 0: none)")
     p.add_argument("--batch-size", type=int, default=0, help="batch size (0: the preset's)")
     p.add_argument("--lr", type=float, default=0.0, help="learning rate (0: the preset's)")
     p.add_argument("--preset", default="", help="student architecture preset (empty: the demo preset's)")
@@ -173,10 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work-dir", default=None, help="data, teacher cache and runs live here (reused)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
-    photo_rows = [x for x in args.kd_images_rows.split(",") if x]
-    unknown = [x for x in photo_rows if x not in KD_IMAGE_ROWS]
-    if unknown:
-        p.error(f"--kd-images-rows: unknown row {unknown[0]!r}; choose from {', '.join(KD_IMAGE_ROWS)}")
+    photo_rows = [x.strip() for x in args.kd_images_rows.split(",") if x.strip()]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     t_start = time.perf_counter()
@@ -189,13 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnclip_kd.models.students import load_student
     from cnclip_kd.notebook.experiments import (
         PRESET_DEFAULTS,
+        UNLABELLED_ROWS,
         compare_kd,
         evaluate_teacher,
         preset_config,
         preset_values,
+        unlabelled_rows,
     )
     from cnclip_kd.retrieval.evaluate import chance_p_at_k, margin_share
 
+    unknown = [x for x in photo_rows if x not in UNLABELLED_ROWS]  # the same rows notebook 02 offers
+    if unknown:
+        p.error(f"--kd-images-rows: unknown row {unknown[0]!r}; choose from {', '.join(UNLABELLED_ROWS)}")
     if args.kd_loss and args.kd_loss not in KD_LOSSES:
         p.error(f"--kd-loss: unknown KD loss {args.kd_loss!r}; choose from {', '.join(sorted(KD_LOSSES))}")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kd-demo-"))
@@ -208,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "kd_images_ratio": args.kd_images_ratio}
     if args.views >= 0:
         overrides["augment_views"] = args.views
+    if args.mix >= 0:
+        overrides["augment_mix"] = args.mix
     if args.title_positives != "preset":
         overrides["title_positives"] = args.title_positives == "on"
     if args.contrastive_weight >= 0:  # 0 is a value here (KD alone), which preset_values may read as "unset"
@@ -216,11 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.contrastive_weight >= 0:
         recipe["contrastive_weight"] = args.contrastive_weight
     defaults = TrainConfig()
-    for key in ("kd_loss", "title_positives", "contrastive_weight", "kd_images_ratio"):  # what the runs use
+    # What the runs use, where the preset does not say.
+    for key in ("kd_loss", "title_positives", "contrastive_weight", "kd_images_ratio", "augment_mix"):
         recipe.setdefault(key, getattr(defaults, key))
     tag = recipe_tag(recipe, PRESET_DEFAULTS["demo"].get("teacher_model_name"))
-    sources = {name: data_dir / "lmdb" / KD_IMAGE_ROWS[name][0] for name in photo_rows}
-    variant_of = {KD_IMAGE_ROWS[name][1]: name for name in photo_rows}
+    sources = {label: str(src) for label, src in unlabelled_rows(data_dir, photo_rows).items()}
+    variant_of = {UNLABELLED_ROWS[name][1]: name for name in photo_rows}
     rows: list[dict] = []
     teacher = {}
     for seed in range(1, args.seeds + 1):
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.contrastive_weight >= 0 and base.contrastive_weight != args.contrastive_weight:
             base = replace(base, contrastive_weight=args.contrastive_weight)
         table = compare_kd(base, eval_data=data_dir / "lmdb" / "test", kd_losses=losses, include_teacher=False,
-                           kd_image_rows={KD_IMAGE_ROWS[name][1]: str(src) for name, src in sources.items()})
+                           kd_image_rows=sources)
         for r in table:
             model, info = load_student(r["checkpoint"])
             valid = evaluate_lmdb(model, data_dir / "lmdb" / "valid", resolution=info["image_resolution"])
@@ -266,14 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v in variants:
         if v == "finetune":
             label = "只微调 fine-tune, no KD"
-        elif v in KD_IMAGE_ROWS:
-            label = KD_IMAGE_ROWS[v][1]
+        elif v in UNLABELLED_ROWS:
+            label = UNLABELLED_ROWS[v][1]
         else:
             label = f"+ KD {v}"
         cells = [mean_sd([r[split] if k is None else r[split][k] for r in rows if r["variant"] == v])
                  for split, k in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if any(v in KD_IMAGE_ROWS for v in variants):
+    if any(v in UNLABELLED_ROWS for v in variants):
         lines += ["", (f"The photo rows train with the default KD loss ({recipe['kd_loss']}) and "
                       f"{recipe['kd_images_ratio']} unlabelled photos per labelled sample.")]
     if "inductive" in variants:

@@ -296,3 +296,17 @@ def test_parameters_are_typed_and_checked_before_anything_is_written(tmp_path, c
     assert _demo_cli(new, "-p", "OUTPUT_DIR=elsewhere") == 1
     assert "pass --out instead" in capsys.readouterr().err
     assert not new.exists()
+
+
+def test_every_demo_preset_sets_parameters_its_notebooks_have_and_a_known_training_preset():
+    import papermill
+
+    from cnclip_kd.notebook.demo import PRESETS
+    from cnclip_kd.notebook.experiments import PRESET_DEFAULTS
+
+    assert {"demo", "demo-long", "tiny"} <= set(PRESETS)
+    for name, per_notebook in PRESETS.items():
+        for notebook, params in per_notebook.items():
+            known = papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{notebook}.ipynb"))
+            assert set(params) <= set(known), (name, notebook)
+        assert per_notebook.get("02_distill", {}).get("PRESET", "demo") in PRESET_DEFAULTS, name

@@ -126,7 +126,8 @@ def test_a_tiny_run_distils_on_the_unlabelled_photos(small_data, photos, tmp_pat
     result = train({"train_data": str(small_data / "lmdb" / "train"), "logs": str(logs), "name": "kd-img",
                     "preset": "tiny", "batch_size": 8, "max_steps": 2, "warmup": 1, "num_workers": 0,
                     "device": "cpu", "seed": 5, "distillation": True, "teacher_model_name": TEACHER,
-                    "kd_loss": "relation", "augment_views": 2, "kd_images": str(photos), "kd_images_ratio": 0.5,
+                    "kd_loss": "relation", "augment_views": 2, "augment_mix": 1.0, "kd_images": str(photos),
+                    "kd_images_ratio": 0.5,
                     "teacher_batch_size": 16, "teacher_precision": "fp32"})
     rows = [r for r in result.history if r.get("type") != "val"]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/kd_relation"])) for r in rows)
@@ -135,7 +136,8 @@ def test_a_tiny_run_distils_on_the_unlabelled_photos(small_data, photos, tmp_pat
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert (metrics["kd_images_n"], metrics["kd_images_skipped"]) == (3, 2)
 
-    # The cached teacher feature of an unlabelled (image, view) is the teacher on the very picture the student saw.
+    # The cached teacher feature of an unlabelled (image, view) is the teacher on the very picture the student saw;
+    # with augment_mix its views are blends with another of the unlabelled photos.
     kd_lmdb = Path(metrics["kd_images_lmdb"])
     (cache_dir,) = [p for p in (logs / "teacher-cache").iterdir()
                     if json.loads((p / "meta.json").read_text())["lmdb"] == str(kd_lmdb.resolve())]
@@ -143,8 +145,10 @@ def test_a_tiny_run_distils_on_the_unlabelled_photos(small_data, photos, tmp_pat
     teacher = load_teacher(TEACHER)
     images = LmdbImages(kd_lmdb)
     image_id = images.ids()[1]
+    mixer = ViewAugment(mix=1.0)
+    assert [mixer.mixing(image_id, v, images.ids())[0] in images.ids() for v in (1, 2)] == [True, True]
     for view in range(3):
-        picture = ViewAugment()(images.image(image_id), image_id, view)
+        picture = mixer(images.image(image_id), image_id, view, images)
         with torch.no_grad():
             direct = teacher.encode_image(teacher.transform(picture)[None])
         torch.testing.assert_close(cache.lookup(torch.tensor([image_id]), torch.tensor([view])), direct,

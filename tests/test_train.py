@@ -717,6 +717,66 @@ def test_augmented_views_cached_once_and_equal_to_an_online_teacher(data, teache
         train(_config(data, tmp_path / "runs", "bad", augment_views=-1, max_steps=1))
 
 
+def test_mixed_views_blend_two_photos_and_the_cache_holds_the_teacher_of_that_blend(data, teacher_dir, tmp_path):
+    """augment_mix: a mixed view is λ × the image's view + (1 − λ) × another photo's view, seeded; the teacher's
+    cached feature is of that very blend, and the student's sample is the same picture."""
+    from PIL import Image
+
+    from cnclip_kd.distill.pairs import LMDBPairs
+    from cnclip_kd.distill.teacher_cache import ViewAugment
+
+    views = 2
+    common = dict(distillation=True, teacher_model_name=str(teacher_dir), kd_loss="relation", augment_views=views,
+                  val_data=None, max_epochs=1, teacher_precision="fp32")
+    train(_config(data, tmp_path / "runs", "mixed", augment_mix=1.0, **common))
+    (cache_dir,) = list((tmp_path / "runs" / "teacher-cache").iterdir())
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    assert meta["augment"] == ViewAugment(mix=1.0).describe() and meta["augment"]["mix"] == 1.0
+    # Without mixing the key (and so an existing cache) is the one of earlier versions.
+    assert "mix" not in ViewAugment().describe()
+
+    cache = TeacherFeatureCache(cache_dir)
+    teacher = load_teacher(str(teacher_dir))
+    source = LMDBImages(data / "lmdb" / "train", teacher.transform).images
+    pool = source.ids()
+    mixer, plain = ViewAugment(mix=1.0), ViewAugment()
+    lams = []
+    for image_id in pool[:4]:
+        img = source.image(image_id)
+        assert mixer(img, image_id, 0, source) is img  # view 0 is never mixed
+        for v in range(1, views + 1):
+            partner, lam = mixer.mixing(image_id, v, pool)
+            assert partner in pool and partner != image_id and 0.5 <= lam <= 1.0
+            other = plain(source.image(partner), partner, v).resize(img.size, Image.BICUBIC)
+            expected = np.asarray(other, np.float32) * (1 - lam) + np.asarray(plain(img, image_id, v), np.float32) * lam
+            picture = mixer(img, image_id, v, source)
+            assert np.abs(np.asarray(picture, np.float32) - expected).max() <= 1.0  # blend rounds to uint8
+            direct = teacher.encode_image(teacher.transform(picture)[None])
+            torch.testing.assert_close(cache.lookup(torch.tensor([image_id]), torch.tensor([v])), direct,
+                                       rtol=1e-5, atol=1e-6)
+            lams.append(lam)
+    assert len(set(lams)) == len(lams)  # λ is drawn per (image, view)
+    # The student's training sample in that view is the same blended picture.
+    pairs = LMDBPairs(data / "lmdb" / "train", transform=teacher.transform, views=mixer)
+    item = pairs[(0, 1)]
+    expected = teacher.transform(mixer(source.image(item["image_id"]), item["image_id"], 1, source))
+    assert torch.equal(item["image"], expected)
+    # Half the views mixed: about half are, and the rest equal the unmixed view.
+    half = ViewAugment(mix=0.5)
+    drawn = [half.mixing(i, v, pool) for i in pool for v in (1, 2, 3, 4)]
+    assert 0.3 < sum(m is not None for m in drawn) / len(drawn) < 0.7
+    image_id, v = next((i, v) for i in pool for v in (1, 2, 3, 4) if half.mixing(i, v, pool) is None)
+    img = source.image(image_id)
+    assert np.array_equal(np.asarray(half(img, image_id, v, source)), np.asarray(plain(img, image_id, v)))
+
+    with pytest.raises(ValueError, match="needs augment_views"):
+        train(_config(data, tmp_path / "runs", "bad", augment_mix=0.5, max_steps=1))
+    with pytest.raises(ValueError, match="mix must be in"):
+        ViewAugment(mix=1.5)
+    with pytest.raises(ValueError, match="source="):
+        mixer(img, image_id, 1)
+
+
 def test_teacher_precision_keys_the_cache_and_runs_the_teacher_in_that_dtype(data, teacher_dir, tmp_path):
     """A bf16 teacher cache is another cache (not a reuse of the fp32 one) and holds the bf16 teacher's features."""
     from cnclip_kd.core.precision import native_bf16, resolve_teacher_precision
@@ -868,6 +928,8 @@ def test_parser_accepts_cnclip_spellings():
     assert (args.distillation, args.kd_loss_weight, args.val_data, args.use_augment) == (False, 0.5, None, False)
     assert args.image_resolution is None
     assert parser.parse_args(["train", "--train-data", "x", "--image-resolution", "128"]).image_resolution == 128
+    assert parser.parse_args(["train", "--train-data", "x", "--augment-mix", "0.5"]).augment_mix == 0.5
+    assert args.augment_mix == 0.0
 
 
 def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp_path):
@@ -881,6 +943,10 @@ def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp
     # ... but no augmented views and seed 0 are real choices (AUGMENT_VIEWS=0 used to train with the preset's 4).
     cfg = preset_config("demo", tmp_path / "data", tmp_path / "out", augment_views=0, seed=0, max_epochs=3)
     assert (cfg.augment_views, cfg.seed, cfg.max_epochs) == (0, 0, 3) and demo["augment_views"] == 4
+    # The longer demo differs from the demo only in views and epochs (its measured figures are for that recipe).
+    long = preset_values("demo-long")
+    assert {k for k in long if long[k] != demo.get(k)} == {"augment_views", "max_epochs"}
+    assert (long["augment_views"], long["max_epochs"]) == (16, 200)
     with pytest.raises(ValueError, match="unknown PRESET 'nope'"):
         preset_values("nope")
 

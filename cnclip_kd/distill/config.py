@@ -80,6 +80,9 @@ class TrainConfig:
             is shown in one view, picked by (seed, epoch); the views are seeded, so the teacher's features
             of all of them are computed once and cached, and runs with other seeds or losses reuse them.
         augment_scale: Smallest crop area of a view, as a fraction of the image.
+        augment_mix: Fraction of the augmented views that blend the photo with another photo of the same
+            folder (mixup, the photo's weight 0.5–1; function matching's mixed views). Seeded like the other
+            views, so their teacher features are cached too; 0 = none.
         precision: ``auto`` (bf16 where the GPU supports it, fp16 + GradScaler on older GPUs, fp32 on CPU),
             ``fp32``, ``bf16`` or ``fp16``.
         compile: ``torch.compile`` the student.
@@ -136,6 +139,7 @@ class TrainConfig:
     use_augment: bool = False
     augment_views: int = 0
     augment_scale: float = 0.35
+    augment_mix: float = 0.0
     precision: str = "auto"
     compile: bool = False
     accum_freq: int = 1

@@ -103,7 +103,7 @@ class LMDBPairs(Dataset):
         if view:
             if self.views is None:
                 raise ValueError(f"sample {index} asked in view {view}, but this dataset has no views")
-            img = self.views(img, image_id, view)
+            img = self.views(img, image_id, view, self.images)
         if self.augment is not None:
             img = self.augment(img)
         item = {"index": index, "image_id": image_id, "view": view, "image": self.transform(img),

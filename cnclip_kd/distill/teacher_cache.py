@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -45,25 +46,52 @@ class ViewAugment:
     and colour jitter (brightness, contrast, saturation ± ``jitter``). Geometry and
     colour change, the product stays in the picture, so the teacher's notion of
     "the same kind of thing" is what the student is taught on each view.
+
+    With ``mix`` > 0, that fraction of the views (seeded per image and view) is a *mixed* view, as in
+    function matching (Beyer et al. 2022): the view blended pixel by pixel (mixup) with a view of
+    another photo of the same folder, the image's own weight λ drawn from Beta(``mix_alpha``,
+    ``mix_alpha``) and folded into [0.5, 1], so the image still dominates the picture its title
+    describes. The teacher's feature is computed on the blended picture itself.
     """
 
-    def __init__(self, scale: Sequence[float] = (0.35, 1.0), jitter: float = 0.3, seed: int = 0):
+    def __init__(self, scale: Sequence[float] = (0.35, 1.0), jitter: float = 0.3, seed: int = 0,
+                 mix: float = 0.0, mix_alpha: float = 1.0):
         from torchvision import transforms as T
 
+        if not 0.0 <= mix <= 1.0 or mix_alpha <= 0:
+            raise ValueError(f"mix must be in [0, 1] and mix_alpha > 0, got {mix}, {mix_alpha}")
         self.scale = (float(scale[0]), float(scale[1]))
         self.jitter = float(jitter)
         self.seed = int(seed)
+        self.mix, self.mix_alpha = float(mix), float(mix_alpha)
         # The crop is sized per image in __call__; flip and jitter draw from torch's RNG, seeded there.
         self._flip_jitter = T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(self.jitter, self.jitter, self.jitter)])
+        self._pools: dict[str, list[int]] = {}
 
     def describe(self) -> dict:
-        """What decides the pictures (part of the cache key)."""
-        return {"v": _VIEW_VERSION, "scale": list(self.scale), "jitter": self.jitter, "seed": self.seed}
+        """What decides the pictures (part of the cache key; views without mixing keep their old key)."""
+        out = {"v": _VIEW_VERSION, "scale": list(self.scale), "jitter": self.jitter, "seed": self.seed}
+        if self.mix:
+            out.update(mix=self.mix, mix_alpha=self.mix_alpha)
+        return out
 
-    def __call__(self, image, image_id: int, view: int):
-        """The ``view``-th augmented view of ``image`` (a PIL image); view 0 returns it unchanged."""
-        if view == 0:
-            return image
+    def mixing(self, image_id: int, view: int, pool: Sequence[int]) -> tuple[int, float] | None:
+        """``(partner image id, the image's own weight λ)`` if this view is a mixed one, else None.
+
+        The partner is another id of ``pool`` (the folder's sorted ids); everything is fixed by
+        (seed, image id, view), so every process and run draws the same.
+        """
+        if view == 0 or not self.mix or len(pool) < 2:
+            return None
+        rng = np.random.default_rng([self.seed, int(image_id), int(view), 0x6D6978])
+        if rng.random() >= self.mix:
+            return None
+        pick = int(rng.integers(len(pool) - 1))
+        partner = pool[pick] if pool[pick] != image_id else pool[-1]
+        lam = float(rng.beta(self.mix_alpha, self.mix_alpha))
+        return int(partner), max(lam, 1.0 - lam)
+
+    def _plain_view(self, image, image_id: int, view: int):
         from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms import functional as F
 
@@ -72,6 +100,32 @@ class ViewAugment:
             top, left, h, w = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
             out = F.resized_crop(image, top, left, h, w, list(image.size[::-1]))
             return self._flip_jitter(out)
+
+    def __call__(self, image, image_id: int, view: int, source: LmdbImages | None = None):
+        """The ``view``-th augmented view of ``image`` (a PIL image); view 0 returns it unchanged.
+
+        Args:
+            image: The decoded image stored under ``image_id``.
+            image_id: Its id.
+            view: Which view (0 = the image itself).
+            source: The folder the image comes from; needed with ``mix`` (the partner photo is read there).
+        """
+        if view == 0:
+            return image
+        out = self._plain_view(image, image_id, view)
+        if not self.mix:
+            return out
+        if source is None:
+            raise ValueError("mixed views need the images' folder: call with source=LmdbImages(...)")
+        key = str(source.lmdb_dir)
+        if key not in self._pools:
+            self._pools[key] = source.ids()
+        mixed = self.mixing(image_id, view, self._pools[key])
+        if mixed is None:
+            return out
+        partner_id, lam = mixed
+        other = self._plain_view(source.image(partner_id), partner_id, view).resize(out.size, Image.BICUBIC)
+        return Image.blend(other, out, lam)  # (1 − λ) × partner + λ × image
 
     def __repr__(self) -> str:
         return f"ViewAugment({self.describe()})"
@@ -106,7 +160,7 @@ class LMDBImages(Dataset):
         image_id = self.image_ids[i // (self.views + 1)]
         img = self.images.image(image_id)
         if self.augment is not None:
-            img = self.augment(img, image_id, i % (self.views + 1))
+            img = self.augment(img, image_id, i % (self.views + 1), self.images)
         return image_id, self.transform(img)
 
 

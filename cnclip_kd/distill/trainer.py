@@ -187,8 +187,10 @@ def _teacher_features(cfg: TrainConfig, d: Dist, teacher: Teacher | None,
     """The augmented views of the images, and the teacher's features of them computed once (None: run it online)."""
     if cfg.augment_views < 0:
         raise ValueError(f"augment_views must be >= 0, got {cfg.augment_views}")
+    if cfg.augment_mix and not cfg.augment_views:
+        raise ValueError(f"augment_mix {cfg.augment_mix} needs augment_views > 0 (mixed views are some of the views)")
     # The views themselves do not depend on the run's seed, so every seed and loss reuses one teacher cache.
-    views = ViewAugment(scale=(cfg.augment_scale, 1.0)) if cfg.augment_views else None
+    views = ViewAugment(scale=(cfg.augment_scale, 1.0), mix=cfg.augment_mix) if cfg.augment_views else None
     if teacher is None or not cfg.teacher_cache or cfg.use_augment:
         return views, None
     cache = build_teacher_cache(teacher, cfg.train_data, cfg.teacher_cache_dir or Path(cfg.logs) / "teacher-cache",

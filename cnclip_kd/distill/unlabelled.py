@@ -172,7 +172,7 @@ class UnlabelledViews(Dataset):
         if view:
             if self.views is None:
                 raise ValueError(f"unlabelled image {index} asked in view {view}, but there are no views")
-            img = self.views(img, image_id, view)
+            img = self.views(img, image_id, view, self.images)
         if self.augment is not None:  # train-time random augmentation (use_augment), as for the labelled images
             img = self.augment(img)
         out = {"image_id": image_id, "view": view, "image": self.transform(img)}
