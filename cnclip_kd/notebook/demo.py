@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The notebooks exactly as they are: notebook 02's offline CPU demo (EfficientNet-Lite2 teacher, a small
     # ResNet student, 80 epochs, every KD loss compared), indexes, figures, the widget, ONNX deployment.
     "demo": {},
-    # The same with notebook 02's longer recipe (16 views, 200 epochs): a better student, ~12 minutes more.
+    # The same with notebook 02's longer recipe (16 views, 200 epochs): a better student, ~14 minutes more.
     "demo-long": {"02_distill": {"PRESET": "demo-long"}},
     # A smoke test in a few minutes: the same steps with notebook 02's `tiny` preset (a tiny ViT student, a tiny
     # random-weight teacher, 2 epochs), smaller images and fewer checks. Its numbers mean nothing.

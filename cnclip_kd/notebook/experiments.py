@@ -264,7 +264,7 @@ PRESET_DEFAULTS = {
 # The same demo, longer: 16 cached views per image and 200 epochs (function matching's "patient" teacher, within a
 # CPU's reach). Measured with benchmarks/kd_demo.py --views 16 --epochs 200 (3 seeds, test split, docs/distill.md):
 # KD 0.279 = 0.52 of the teacher's margin (the demo: 0.37), fine-tune 0.212; distilled on the gallery's own photos
-# 0.450 = 0.99 (the demo: 0.89). About 4 minutes per student on 2 cores: notebook 02 takes ~20 minutes, not ~7.
+# 0.450 = 0.99 (the demo: 0.89). Notebook 02 with it: 21 minutes on 2 cores from an empty folder, not ~7.
 PRESET_DEFAULTS["demo-long"] = {**PRESET_DEFAULTS["demo"], "augment_views": 16, "max_epochs": 200}
 
 # Overrides where 0 is a value, not "keep the preset's": no augmented views, no mixed ones, seed 0, KD only.
