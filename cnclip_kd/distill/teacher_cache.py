@@ -59,7 +59,7 @@ class ViewAugment:
         from torchvision import transforms as T
 
         if not 0.0 <= mix <= 1.0 or mix_alpha <= 0:
-            raise ValueError(f"mix must be in [0, 1] and mix_alpha > 0, got {mix}, {mix_alpha}")
+            raise ValueError(f"mix must be in [0, 1] (--augment-mix) and mix_alpha > 0, got {mix}, {mix_alpha}")
         self.scale = (float(scale[0]), float(scale[1]))
         self.jitter = float(jitter)
         self.seed = int(seed)
