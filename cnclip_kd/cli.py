@@ -614,7 +614,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="out", help="output folder: new, empty, or an earlier demo's (default: out)")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="demo: the notebooks' own defaults (default); demo-long: notebook 02's longer recipe "
-                        "(a better student, ~14 minutes more); tiny: a smoke test in a few minutes")
+                        "(a better student, ~14 minutes more); demo-pretrained: a student with a pretrained "
+                        "(ImageNet EfficientNet-Lite0) image tower; tiny: a smoke test in a few minutes")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NOTEBOOK.NAME=VALUE",
                    help="set a notebook parameter, e.g. -p 02.MAX_EPOCHS=20 (NAME=VALUE: every notebook that "
                         "has NAME); repeatable")

@@ -337,7 +337,7 @@ def test_input_side_must_fit_the_patch_grid(side, message):
 def test_resnet_students_change_their_input_side_in_steps_of_32():
     from cnclip_kd.models.students import build_model, load_weights, model_info
 
-    with pytest.raises(ModelLoadError, match="not a multiple of 32 .a ResNet's stride.: use 96 or 128"):
+    with pytest.raises(ModelLoadError, match="not a multiple of 32 .a CNN's stride.: use 96 or 128"):
         load_student(None, preset="demo-resnet", image_resolution=100)
     model, info = load_student(None, preset="demo-resnet", image_resolution=96)
     assert info["image_resolution"] == 96
@@ -947,6 +947,11 @@ def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp
     long = preset_values("demo-long")
     assert {k for k in long if long[k] != demo.get(k)} == {"augment_views", "max_epochs"}
     assert (long["augment_views"], long["max_epochs"]) == (16, 200)
+    # The pretrained-student demo: another student and the schedule chosen for it, the same teacher, views and loss.
+    pretrained = preset_values("demo-pretrained")
+    assert {k for k in pretrained if pretrained[k] != demo.get(k)} == {
+        "preset", "max_epochs", "lr", "kd_loss_weight"}
+    assert (pretrained["preset"], pretrained["max_epochs"], pretrained["kd_loss_weight"]) == ("demo-lite0", 15, 0.5)
     with pytest.raises(ValueError, match="unknown PRESET 'nope'"):
         preset_values("nope")
 

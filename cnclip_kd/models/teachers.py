@@ -551,9 +551,13 @@ def _arch_info(arch: str) -> dict:
         from .students import ModelLoadError, model_info
 
         try:
-            return model_info(preset=arch.split(":", 1)[1])
+            info = model_info(preset=arch.split(":", 1)[1])
         except ModelLoadError as err:
             raise TeacherLoadError(str(err)) from None
+        if "vision_backbone" in info:  # a pretrained EfficientNet tower: "efficientnet-liteN" is that teacher
+            raise TeacherLoadError(f"{arch} has an EfficientNet image tower; as a teacher use "
+                                   f"{info['vision_backbone']!r} itself, or a cn_clip preset (tiny, demo, demo-resnet)")
+        return info
     if "@" in arch:
         vision, text = arch.split("@", 1)
     else:

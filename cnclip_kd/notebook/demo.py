@@ -80,6 +80,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {},
     # The same with notebook 02's longer recipe (16 views, 200 epochs): a better student, ~14 minutes more.
     "demo-long": {"02_distill": {"PRESET": "demo-long"}},
+    # The same with a pretrained student (EfficientNet-Lite0's ImageNet weights as its image tower, 15 epochs).
+    "demo-pretrained": {"02_distill": {"PRESET": "demo-pretrained"}},
     # A smoke test in a few minutes: the same steps with notebook 02's `tiny` preset (a tiny ViT student, a tiny
     # random-weight teacher, 2 epochs), smaller images and fewer checks. Its numbers mean nothing.
     "tiny": {
