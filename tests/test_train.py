@@ -947,11 +947,12 @@ def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp
     long = preset_values("demo-long")
     assert {k for k in long if long[k] != demo.get(k)} == {"augment_views", "max_epochs"}
     assert (long["augment_views"], long["max_epochs"]) == (16, 200)
-    # The pretrained-student demo: another student and the schedule chosen for it, the same teacher, views and loss.
+    # The pretrained-student demo: another student, epochs and KD weight (the measured recipe), the same teacher,
+    # views, loss and learning rate.
     pretrained = preset_values("demo-pretrained")
-    assert {k for k in pretrained if pretrained[k] != demo.get(k)} == {
-        "preset", "max_epochs", "lr", "kd_loss_weight"}
-    assert (pretrained["preset"], pretrained["max_epochs"], pretrained["kd_loss_weight"]) == ("demo-lite0", 15, 0.5)
+    assert {k for k in pretrained if pretrained[k] != demo.get(k)} == {"preset", "max_epochs", "kd_loss_weight"}
+    assert (pretrained["preset"], pretrained["max_epochs"], pretrained["kd_loss_weight"], pretrained["lr"]) == (
+        "demo-lite0", 15, 0.5, 2e-3)
     with pytest.raises(ValueError, match="unknown PRESET 'nope'"):
         preset_values("nope")
 
