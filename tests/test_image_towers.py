@@ -1,4 +1,4 @@
-"""The pretrained image tower a student can have (``demo-lite0``): EfficientNet-Lite0's ImageNet weights in a cn_clip CLIP."""
+"""The pretrained image tower a student can have (``demo-lite0``): EfficientNet-Lite0's ImageNet weights in a CLIP."""
 
 from __future__ import annotations
 

@@ -269,9 +269,9 @@ PRESET_DEFAULTS["demo-long"] = {**PRESET_DEFAULTS["demo"], "augment_views": 16, 
 
 # The same demo with a pretrained student, as the real one (ViT-B-16) is: EfficientNet-Lite0's ImageNet weights as
 # the image tower (student preset `demo-lite0`, 128 px), 15 epochs at the demo's lr 2e-3 and cn_clip's KD weight
-# 0.5, chosen on the valid split (docs/distill.md, 0.3.3). Measured with benchmarks/kd_demo.py --preset demo-lite0 --lr 2e-3
-# --epochs 15 --kd-weight 0.5 (3 seeds, test split): fine-tune 0.555, KD 0.554, both above the teacher's 0.453 (the
-# sample titles name the category); KD raises agreement with the teacher and text -> image, not category P@10.
+# 0.5, chosen on the valid split (docs/distill.md, 0.3.3). Measured with benchmarks/kd_demo.py --preset demo-lite0
+# --lr 2e-3 --epochs 15 --kd-weight 0.5 (3 seeds, test split): fine-tune 0.555, KD 0.554, both above the teacher's
+# 0.453 (the sample titles name the category); KD raises agreement with the teacher and text -> image, not P@10.
 PRESET_DEFAULTS["demo-pretrained"] = {**PRESET_DEFAULTS["demo"], "preset": "demo-lite0", "max_epochs": 15,
                                       "kd_loss_weight": 0.5}
 
