@@ -13,7 +13,7 @@ Also reported: the 64 px students only *resized* to the smaller side (position
 embeddings interpolated, no training at that side), to show why the student is
 trained at the side it will serve.
 
-Beside them (``--resnet``, on by default) the demo preset's own convolutional
+Beside them (``--resnet``, on by default) the from-scratch demo's (``demo-scratch``) convolutional
 student (``demo-resnet``: cn_clip's ModifiedResNet, the RN50 family) at its
 side, without and with distillation. With ``--latency PLAN.json`` (what
 ``cnclip-kd plan`` wrote on the CPU you serve from) every student is put next to
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--sides", default="64,48,40", help="student input sides (the first is the preset's own)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per side and variant")
     p.add_argument("--kd-loss", default="feature", help="KD loss of the distilled runs")
-    p.add_argument("--epochs", type=int, default=0, help="student epochs (0: the demo preset's)")
+    p.add_argument("--epochs", type=int, default=0, help="student epochs (0: the demo-scratch preset's)")
     p.add_argument("--teacher", default="", help="teacher (empty: the demo preset's, efficientnet-lite2)")
     p.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the convolutional demo student (demo-resnet, the RN50 family) at its own side")
@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     for side in sides:
         for variant in ("finetune", f"kd-{args.kd_loss}"):
             for seed in range(args.seeds):
-                # The ViT demo student (the side is a ViT's token count), with the demo preset's recipe.
-                cfg = preset_config("demo", data_dir, work, name=f"demo-vit-{variant}-seed{seed}", seed=seed + 1,
+                # The ViT demo student (the side is a ViT's token count), with the from-scratch demo's recipe.
+                cfg = preset_config("demo-scratch", data_dir, work, name=f"demo-vit-{variant}-seed{seed}",
+                                    seed=seed + 1,
                                     preset="demo",
                                     image_resolution=side, distillation=variant != "finetune",
                                     teacher_model_name=teacher, kd_loss=args.kd_loss, max_epochs=args.epochs)
@@ -106,11 +107,12 @@ def main(argv=None) -> int:
                 if side == native:
                     checkpoints[(variant, seed)] = str(result.checkpoint)
                 logger.info("%s: test P@10 %.3f (%.0f s)", cfg.name, m["p@10"], time.perf_counter() - t0)
-    # The convolutional demo student (the demo preset's own recipe) at its own side.
+    # The convolutional from-scratch demo student (notebook preset demo-scratch, its own recipe) at its own side.
     resnet_side = int(PRESETS["demo-resnet"]["image_resolution"])
     for variant in (("finetune", f"kd-{args.kd_loss}") if args.resnet else ()):
         for seed in range(args.seeds):
-            cfg = preset_config("demo", data_dir, work, name=f"demo-resnet-{variant}-seed{seed}", seed=seed + 1,
+            cfg = preset_config("demo-scratch", data_dir, work, name=f"demo-resnet-{variant}-seed{seed}",
+                                seed=seed + 1,
                                 preset="demo-resnet", distillation=variant != "finetune", teacher_model_name=teacher,
                                 kd_loss=args.kd_loss, max_epochs=args.epochs)
             t0 = time.perf_counter()

@@ -12,7 +12,7 @@ serving), :mod:`cnclip_kd.notebook` (figures, widget, records, the demo).
 import logging
 from pathlib import Path
 
-__version__ = "0.3.3"
+__version__ = "0.3.4"
 
 #: The embedded sample data (600 CC0 product photos) used when no data is given.
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"

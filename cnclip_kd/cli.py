@@ -613,9 +613,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "Rerunning skips the notebooks that are already complete for the same inputs.")
     p.add_argument("--out", default="out", help="output folder: new, empty, or an earlier demo's (default: out)")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="demo: the notebooks' own defaults (default); demo-long: notebook 02's longer recipe "
-                        "(a better student, ~14 minutes more); demo-pretrained: a student with a pretrained "
-                        "(ImageNet EfficientNet-Lite0) image tower; tiny: a smoke test in a few minutes")
+                   help="demo: the notebooks' own defaults (default; the student's image tower is ImageNet-pretrained "
+                        "EfficientNet-Lite0 at 64 px); demo-pretrained: that student at 128 px (~5 minutes more); "
+                        "demo-scratch: a student trained from scratch (the demo up to 0.3.3); demo-long: the "
+                        "from-scratch student's longer recipe (~17 minutes more); tiny: a smoke test in a few minutes")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NOTEBOOK.NAME=VALUE",
                    help="set a notebook parameter, e.g. -p 02.MAX_EPOCHS=20 (NAME=VALUE: every notebook that "
                         "has NAME); repeatable")

@@ -187,7 +187,7 @@ def test_kd_demo_recipe_tag_names_every_recipe_option(kd_demo):
 
     base = preset_values("demo")
     tag = kd_demo.recipe_tag(base, base["teacher_model_name"])
-    assert tag == "presetdemo-resnet-max_epochs80-kd_loss_weight5.0-augment_views4-batch_size64-lr0.002"
+    assert tag == "presetdemo-lite0-max_epochs15-kd_loss_weight0.5-augment_views4-batch_size64-lr0.002-res64"
     others = [preset_values("demo", kd_loss="cosine"), preset_values("demo", image_resolution=48),
               preset_values("demo", title_positives=True), {**base, "contrastive_weight": 0.0},
               preset_values("demo", kd_images_ratio=1.0), preset_values("demo", teacher_model_name="random:preset:tiny"),

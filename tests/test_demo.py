@@ -304,7 +304,7 @@ def test_every_demo_preset_sets_parameters_its_notebooks_have_and_a_known_traini
     from cnclip_kd.notebook.demo import PRESETS
     from cnclip_kd.notebook.experiments import PRESET_DEFAULTS
 
-    assert {"demo", "demo-long", "demo-pretrained", "tiny"} <= set(PRESETS)
+    assert {"demo", "demo-long", "demo-pretrained", "demo-scratch", "tiny"} <= set(PRESETS)
     for name, per_notebook in PRESETS.items():
         for notebook, params in per_notebook.items():
             known = papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{notebook}.ipynb"))

@@ -1,9 +1,9 @@
 """Notebook 02 runs the offline demo end to end: pretrained teacher → distillation → honest comparison table.
 
 It is also CI's check that distillation still *helps*: with the notebook's defaults the distilled student must
-share more of the teacher's neighbours than the fine-tune-only student, by :data:`AGREEMENT_MARGIN`, and must not
-retrieve worse on the held-out test split; distilled on the test photos themselves (unlabelled, the transductive
-row) it must keep :data:`TRANSDUCTIVE_SHARE` of the teacher's margin over chance.
+share more of the teacher's neighbours than the fine-tune-only student, by :data:`AGREEMENT_MARGIN`, keep
+:data:`KD_SHARE` of the teacher's margin over chance and not retrieve clearly worse on the held-out test split;
+distilled on the test photos themselves (unlabelled, the transductive row) it must keep :data:`TRANSDUCTIVE_SHARE`.
 """
 
 import json
@@ -15,26 +15,28 @@ from PIL import Image
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
-# CI notices when KD stops helping. Measured on 2 CPU cores with this recipe (0.3.1: bf16 teacher features on a CPU
-# with native bf16), default KD (relation) minus the fine-tune-only student of the same seed, on the test split:
-#   seed:                 1      2      3      123 (this notebook's default)
-#   P@10 gap:             0.042  0.051  0.048  0.025
-#   teacher@10 gap:       0.042  0.081  0.068  0.069
-# (seeds 1-3: `python benchmarks/kd_demo.py --seeds 3`, the docs/distill.md table; seed 123: this test's own run).
-# teacher@10 is what distillation transfers directly (how many of each image's 10 neighbours the teacher shares);
-# every measured gap is at least 0.042 (mean 0.064, sd 0.020 over seeds 1-3), so the margin is 0.015. The P@10 gap
-# is positive in every run but small against its spread, so for P@10 only "KD is not below fine-tuning" is
-# asserted. (The issue asked for a P@10 margin of at least 0.05: above every measured gap, so a working KD would
-# fail it.) On an AVX2-only CPU the teacher runs in fp32; the 0.3.0 figures (fp32) were P@10 gaps 0.042, 0.037,
-# 0.042 and teacher@10 gaps 0.048, 0.060, 0.080.
+# CI notices when KD stops helping. Measured on 2 CPU cores with this recipe (0.3.4: the ImageNet-pretrained Lite0
+# student at 64 px, 15 epochs; bf16 teacher features on a CPU with native bf16), default KD (relation) against the
+# fine-tune-only student of the same seed, on the test split:
+#   seed:                            1       2       3       123 (this notebook's default)
+#   P@10 gap:                        -0.002  0.112   0.034   0.004
+#   teacher@10 gap:                  0.053   0.100   0.060   0.049
+#   KD share of the teacher's margin 0.834   0.975   0.818   0.857
+# (seeds 1-3: `python benchmarks/kd_demo.py --seeds 3 --losses relation --kd-images-rows transductive`, the
+# docs/distill.md table; seed 123: this test's own run). teacher@10 is what distillation transfers directly (how
+# many of each image's 10 neighbours the teacher shares): the margin is 0.015, under every measured gap. The P@10
+# gap swings with the fine-tune-only student (0.33-0.40 across seeds), so P@10 is held to "not below fine-tuning
+# by more than one seed's spread" (P10_SLACK), and the KD student to issue 20's bar on the share of the teacher's
+# margin over chance, (P@10 - chance) / (teacher - chance) >= 0.65, which every measured seed clears by >= 0.17.
 AGREEMENT_MARGIN = 0.015
+P10_SLACK = 0.03
+KD_SHARE = 0.65
 # Distilling on the gallery it will search (the test photos as unlabelled KD images, titles and labels unused:
-# the "transductive" row) takes the student close to the teacher. Measured share of the teacher's margin over
-# chance, (P@10 - chance) / (teacher - chance), seeds 1-3: 0.940, 0.864, 0.871 (0.3.0, fp32 teacher: 0.903, 0.868,
-# 0.855); seed 123 (this test) 0.894. CI asserts a floor well under the smallest, and that it is far above the plain
-# KD student (P@10 gaps 0.227, 0.171, 0.165; seed 123: 0.217).
-TRANSDUCTIVE_SHARE = 0.7
-TRANSDUCTIVE_GAP = 0.1
+# the "transductive" row) takes the student to the teacher. Share of the teacher's margin, seeds 1-3: 0.915, 0.889,
+# 0.942; seed 123 (this test) 0.970. CI asserts a floor under the smallest, and that it shares more of the teacher's
+# neighbours than the fine-tune-only student (teacher@10 gaps 0.096, 0.084, 0.137; seed 123: 0.117). Over the plain
+# KD student it adds little at this side (P@10 +0.029, -0.031, +0.044; seed 123 +0.041), so that is not asserted.
+TRANSDUCTIVE_SHARE = 0.8
 
 
 def test_notebook_02_demo(notebook_runner, tmp_path):
@@ -79,8 +81,9 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
     assert kd["teacher@10"] - finetune["teacher@10"] >= AGREEMENT_MARGIN, (
         f"KD student shares {kd['teacher@10']:.3f} of the teacher's top-10 neighbours, fine-tune-only "
         f"{finetune['teacher@10']:.3f}: less than {AGREEMENT_MARGIN} apart, distillation stopped transferring")
-    assert kd["p@10"] >= finetune["p@10"], (f"KD student P@10 {kd['p@10']:.3f} is below fine-tune-only "
-                                            f"{finetune['p@10']:.3f}: distillation stopped helping")
+    assert kd["p@10"] >= finetune["p@10"] - P10_SLACK, (
+        f"KD student P@10 {kd['p@10']:.3f} is more than {P10_SLACK} below fine-tune-only {finetune['p@10']:.3f}: "
+        "distillation stopped helping")
     # The default row of unlabelled photos: the test photos (transductive), with the share of the teacher's margin
     # over chance on every row.
     teacher, transductive = rows[0], rows[3]
@@ -93,7 +96,9 @@ def test_notebook_02_demo(notebook_runner, tmp_path):
         f"distilled on the test photos, the student keeps {transductive['share']:.3f} of the teacher's margin over "
         f"chance (P@10 {transductive['p@10']:.3f}, teacher {teacher['p@10']:.3f}, chance {chance:.3f}); "
         f"measured above {TRANSDUCTIVE_SHARE} at every seed")
-    assert transductive["p@10"] - kd["p@10"] >= TRANSDUCTIVE_GAP
+    assert kd["share"] >= KD_SHARE, (f"the KD student keeps {kd['share']:.3f} of the teacher's margin over chance; "
+                                     f"issue 20's bar is {KD_SHARE}")
+    assert transductive["teacher@10"] - finetune["teacher@10"] >= AGREEMENT_MARGIN
     kd_runs = sorted(p.name for p in (out / "runs").iterdir() if "kdimages" in p.name)
     assert len(kd_runs) == 1 and all((out / "runs" / n / "metrics.json").is_file() for n in kd_runs)
     assert rows[0]["teacher@10"] is None and all(0.0 <= r["teacher@10"] <= 1.0 for r in rows[1:])

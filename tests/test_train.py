@@ -943,16 +943,26 @@ def test_preset_overrides_zero_keeps_the_preset_except_where_zero_is_a_value(tmp
     # ... but no augmented views and seed 0 are real choices (AUGMENT_VIEWS=0 used to train with the preset's 4).
     cfg = preset_config("demo", tmp_path / "data", tmp_path / "out", augment_views=0, seed=0, max_epochs=3)
     assert (cfg.augment_views, cfg.seed, cfg.max_epochs) == (0, 0, 3) and demo["augment_views"] == 4
-    # The longer demo differs from the demo only in views and epochs (its measured figures are for that recipe).
-    long = preset_values("demo-long")
-    assert {k for k in long if long[k] != demo.get(k)} == {"augment_views", "max_epochs"}
-    assert (long["augment_views"], long["max_epochs"]) == (16, 200)
-    # The pretrained-student demo: another student, epochs and KD weight (the measured recipe), the same teacher,
-    # views, loss and learning rate.
+    # The demo's student: the ImageNet-pretrained Lite0 tower at 64 px, 15 epochs, cn_clip's KD weight (measured).
+    assert (demo["preset"], demo["image_resolution"], demo["max_epochs"], demo["kd_loss_weight"], demo["lr"]) == (
+        "demo-lite0", 64, 15, 0.5, 2e-3)
+    # The same student at its own 128 px differs only in that (its measured figures are for that recipe) ...
     pretrained = preset_values("demo-pretrained")
-    assert {k for k in pretrained if pretrained[k] != demo.get(k)} == {"preset", "max_epochs", "kd_loss_weight"}
-    assert (pretrained["preset"], pretrained["max_epochs"], pretrained["kd_loss_weight"], pretrained["lr"]) == (
-        "demo-lite0", 15, 0.5, 2e-3)
+    assert {k for k in pretrained if pretrained[k] != demo.get(k)} == {"image_resolution"}
+    assert pretrained["image_resolution"] == 128 == PRESETS["demo-lite0"]["image_resolution"]
+    # ... the demo up to 0.3.3 in student (at its own side), KD weight and epochs; the longer one on top of it in
+    # views and epochs. Same teacher, loss, lr and views as the demo.
+    scratch, long = preset_values("demo-scratch"), preset_values("demo-long")
+    assert {k for k in set(scratch) | set(demo) if scratch.get(k) != demo.get(k)} == {
+        "preset", "image_resolution", "kd_loss_weight", "max_epochs"}
+    assert (scratch["preset"], "image_resolution" in scratch, scratch["kd_loss_weight"], scratch["max_epochs"]) == (
+        "demo-resnet", False, 5.0, 80)
+    assert {k for k in long if long[k] != scratch.get(k)} == {"augment_views", "max_epochs"}
+    assert (long["augment_views"], long["max_epochs"]) == (16, 200)
+    # A run at the preset's own side keeps its name; another side gets its own run folder.
+    assert preset_config("demo", tmp_path, tmp_path, name="demo").name == "demo"
+    assert preset_config("demo-pretrained", tmp_path, tmp_path, name="p").name == "p"
+    assert preset_config("demo", tmp_path, tmp_path, name="demo", image_resolution=96).name == "demo-96px"
     with pytest.raises(ValueError, match="unknown PRESET 'nope'"):
         preset_values("nope")
 
@@ -965,3 +975,43 @@ def test_compare_kd_refuses_an_unknown_loss_before_training(tmp_path):
         compare_kd(base, eval_data=tmp_path / "missing-data" / "lmdb" / "test", kd_losses=["relation", "relaton"],
                    include_teacher=False)
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_a_student_embedding_of_exactly_zero_trains_without_nan():
+    # An EfficientNet tower's last ReLU6 map can be all zero for one image at 64 px (notebook 02's seed 123 hit
+    # it at step 7). cn_clip's own forward divides by the norm, 0/0, and that one NaN row reaches every weight
+    # through the batch's losses; the trainer's forward keeps the row zero and the gradients finite.
+    from cn_clip.clip import tokenize
+
+    from cnclip_kd.distill.losses import DistillationLoss, RelationKDLoss
+    from cnclip_kd.distill.trainer import _StudentWithKD
+
+    class FirstRowZero(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def conv1(self):  # cn_clip's CLIP.dtype reads it
+            return self.inner.conv1
+
+        def forward(self, x, mask_ratio=0):
+            out = self.inner(x)
+            return torch.cat([out[:1] * 0, out[1:]])
+
+    torch.manual_seed(0)
+    model, info = load_student(None, preset="tiny")
+    model.visual = FirstRowZero(model.visual)
+    images = torch.randn(4, 3, info["image_resolution"], info["image_resolution"])
+    texts = tokenize(["红色连衣裙", "运动鞋", "帆布包", "牛仔裤"], context_length=24)
+    ref = model(images, texts)[0]
+    assert torch.isnan(ref[0]).all()  # cn_clip's forward: the zero row is NaN
+    student = _StudentWithKD(model, None)
+    img, txt, scale = student(images, texts)
+    assert torch.isfinite(img).all() and img[0].abs().sum() == 0
+    assert torch.allclose(img[1:].norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(4))
+    assert torch.allclose(img[1:], ref[1:], atol=1e-6)  # the other rows are cn_clip's own, unchanged
+    loss = DistillationLoss(RelationKDLoss(), kd_loss_weight=0.5)(img, txt, scale, torch.randn(4, 16))["total"]
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)

@@ -114,12 +114,20 @@ class _StudentWithKD(torch.nn.Module):
         self.clip = clip
         self.kd = kd
 
+    def _features(self, images, texts):
+        # cn_clip's CLIP.forward divides by the norm, and a row that is exactly zero becomes NaN: an EfficientNet
+        # tower's last ReLU6 map can be all zero for one image at a small input side (seen at 64 px), and one NaN
+        # row poisons every weight through the batch's losses. F.normalize keeps that row zero instead.
+        img = torch.nn.functional.normalize(self.clip.encode_image(images), dim=-1)
+        txt = torch.nn.functional.normalize(self.clip.encode_text(texts), dim=-1)
+        return img, txt, self.clip.logit_scale.exp()
+
     def forward(self, images, texts, extra_images=None):
         if extra_images is None:
-            return self.clip(images, texts)
-        # kd_images: one pass of the image tower over labelled + unlabelled images, split after. cn_clip
-        # normalises each row alone, so only a ResNet student's batch-norm statistics see the extra images.
-        img, txt, scale = self.clip(torch.cat([images, extra_images]), texts)
+            return self._features(images, texts)
+        # kd_images: one pass of the image tower over labelled + unlabelled images, split after. Each row is
+        # normalised alone, so only the batch-norm statistics of a student with batch norm see the extra images.
+        img, txt, scale = self._features(torch.cat([images, extra_images]), texts)
         return img[:images.shape[0]], txt, scale, img[images.shape[0]:]
 
 

@@ -41,10 +41,11 @@ _TINY_TEXT = {
 }
 
 #: Small architectures for CPU demos and tests (trained from scratch, so no
-#: dropout). ``demo-resnet`` is the offline demo's student (it learns from a
-#: pretrained EfficientNet-Lite2 teacher); ``demo`` is a small ViT of the same
-#: role (for input-side experiments); ``demo-lite0`` starts its image tower from
-#: ImageNet weights (``PRESET="demo-pretrained"``); ``tiny`` is for unit tests.
+#: dropout). ``demo-lite0`` is the offline demo's student: its image tower starts
+#: from ImageNet weights (notebook 02 runs it at 64 px; ``PRESET="demo-pretrained"``
+#: at its own 128). ``demo-resnet`` is the from-scratch student of
+#: ``PRESET="demo-scratch"``; ``demo`` is a small ViT of that role (for input-side
+#: experiments); ``tiny`` is for unit tests.
 PRESETS: dict[str, dict] = {
     "tiny": {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
              "vision_patch_size": 8, "vision_head_width": 32, **_TINY_TEXT, "text_hidden_size": 32,

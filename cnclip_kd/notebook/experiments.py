@@ -240,12 +240,13 @@ DEMO_TEACHER = "efficientnet-lite2"
 
 #: Training defaults of the two notebook presets.
 PRESET_DEFAULTS = {
-    # Offline, CPU, sample data, minutes: a from-scratch ResNet student learns EfficientNet-Lite2's notion of
-    # similarity. Chosen by measurement on the valid split (benchmarks/kd_demo.py; README table): relation KD
-    # at weight 5 on 4 cached augmented views per image, batch 64, 80 epochs.
-    "demo": {"preset": "demo-resnet", "teacher_model_name": DEMO_TEACHER, "kd_loss": "relation",
-             "kd_loss_weight": 5.0, "augment_views": 4, "batch_size": 64, "max_epochs": 80, "lr": 2e-3,
-             "warmup": 20, "num_workers": 0, "valid_epoch_interval": 10, "device": "cpu",
+    # Offline, CPU, sample data, minutes: a small pretrained student (EfficientNet-Lite0's ImageNet weights as its
+    # image tower, at 64 px) learns EfficientNet-Lite2's (260 px) notion of similarity, as the real ViT-B-16 starts
+    # from pretrained weights. Chosen by measurement (benchmarks/kd_demo.py; docs/distill.md, 0.3.4): relation KD at
+    # cn_clip's weight 0.5 on 4 cached augmented views per image, batch 64, 15 epochs.
+    "demo": {"preset": "demo-lite0", "image_resolution": 64, "teacher_model_name": DEMO_TEACHER,
+             "kd_loss": "relation", "kd_loss_weight": 0.5, "augment_views": 4, "batch_size": 64, "max_epochs": 15,
+             "lr": 2e-3, "warmup": 20, "num_workers": 0, "valid_epoch_interval": 10, "device": "cpu",
              # The sample titles are at most 13 tokens: a shorter text window is ~15 % of the CPU step.
              "context_length": 24,
              "save_epoch_frequency": 0},
@@ -260,20 +261,22 @@ PRESET_DEFAULTS = {
              "num_workers": 4, "valid_epoch_interval": 1, "precision": "auto"},
 }
 
+# The demo up to 0.3.3: a from-scratch student (cn_clip's ModifiedResNet at 64 px), relation KD at weight 5, 80
+# epochs. 3 seeds, test split (docs/distill.md, 0.3.1): KD 0.227 = 0.37 of the teacher's margin, fine-tune 0.180.
+PRESET_DEFAULTS["demo-scratch"] = {**{k: v for k, v in PRESET_DEFAULTS["demo"].items() if k != "image_resolution"},
+                                   "preset": "demo-resnet", "kd_loss_weight": 5.0, "max_epochs": 80}
 
-# The same demo, longer: 16 cached views per image and 200 epochs (function matching's "patient" teacher, within a
-# CPU's reach). Measured with benchmarks/kd_demo.py --views 16 --epochs 200 (3 seeds, test split, docs/distill.md):
-# KD 0.279 = 0.52 of the teacher's margin (the demo: 0.37), fine-tune 0.212; distilled on the gallery's own photos
-# 0.450 = 0.99 (the demo: 0.89). Notebook 02 with it: 21 minutes on 2 cores from an empty folder, not ~7.
-PRESET_DEFAULTS["demo-long"] = {**PRESET_DEFAULTS["demo"], "augment_views": 16, "max_epochs": 200}
+# The from-scratch demo, longer: 16 cached views per image and 200 epochs (function matching's "patient" teacher,
+# within a CPU's reach). Measured with benchmarks/kd_demo.py --preset demo-resnet --kd-weight 5 --views 16 --epochs
+# 200 (3 seeds, test split, docs/distill.md): KD 0.279 = 0.52 of the teacher's margin, fine-tune 0.212; distilled
+# on the gallery's own photos 0.450 = 0.99. Notebook 02 with it: 21 minutes on 2 cores from an empty folder.
+PRESET_DEFAULTS["demo-long"] = {**PRESET_DEFAULTS["demo-scratch"], "augment_views": 16, "max_epochs": 200}
 
-# The same demo with a pretrained student, as the real one (ViT-B-16) is: EfficientNet-Lite0's ImageNet weights as
-# the image tower (student preset `demo-lite0`, 128 px), 15 epochs at the demo's lr 2e-3 and cn_clip's KD weight
-# 0.5, chosen on the valid split (docs/distill.md, 0.3.3). Measured with benchmarks/kd_demo.py --preset demo-lite0
-# --lr 2e-3 --epochs 15 --kd-weight 0.5 (3 seeds, test split): fine-tune 0.555, KD 0.554, both above the teacher's
-# 0.453 (the sample titles name the category); KD raises agreement with the teacher and text -> image, not P@10.
-PRESET_DEFAULTS["demo-pretrained"] = {**PRESET_DEFAULTS["demo"], "preset": "demo-lite0", "max_epochs": 15,
-                                      "kd_loss_weight": 0.5}
+# The demo's student at its tower's own 128 px. Measured with benchmarks/kd_demo.py --preset demo-lite0 --lr 2e-3
+# --epochs 15 --kd-weight 0.5 (3 seeds, test split, docs/distill.md, 0.3.3): fine-tune 0.555, KD 0.554, both above
+# the teacher's 0.453 (the sample titles name the category); KD raises agreement with the teacher and text -> image,
+# not P@10. Notebook 02 with it: 10.5 minutes on 2 cores.
+PRESET_DEFAULTS["demo-pretrained"] = {**PRESET_DEFAULTS["demo"], "image_resolution": 128}
 
 # Overrides where 0 is a value, not "keep the preset's": no augmented views, no mixed ones, seed 0, KD only.
 _ZERO_IS_A_VALUE = frozenset({"augment_views", "augment_mix", "seed", "contrastive_weight"})
@@ -306,12 +309,13 @@ def preset_config(preset: str, data_dir: str | os.PathLike, out_dir: str | os.Pa
         out_dir: The kit's output folder; runs go to ``{out_dir}/runs``.
         **overrides: :class:`TrainConfig` fields (notebook parameters left at 0 / "" keep the preset's value),
             ``preset`` among them (the student architecture preset, e.g. ``demo`` for the small ViT).
-            With ``image_resolution``, ``-{side}px`` is appended to ``name``: a run at another input side
-            never continues (or clashes with) a run at the model's own side. With ``kd_images``,
+            With an ``image_resolution`` other than the preset's, ``-{side}px`` is appended to ``name``: a run
+            at another input side never continues (or clashes with) a run at the preset's own. With ``kd_images``,
             ``-kdimages-{hash of the path}`` is appended likewise.
     """
     values = preset_values(preset, **overrides)
-    if values.get("image_resolution") and "name" in values:
+    side = values.get("image_resolution")
+    if side and side != PRESET_DEFAULTS[preset].get("image_resolution") and "name" in values:
         values["name"] = f"{values['name']}-{values['image_resolution']}px"  # its own run folder
     if values.get("kd_images") and "name" in values:
         values["name"] = f"{values['name']}-kdimages-{_path_tag(values['kd_images'])}"
