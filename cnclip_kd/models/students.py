@@ -40,8 +40,8 @@ _TINY_TEXT = {
     "text_type_vocab_size": 2,
 }
 
-#: Small architectures for CPU demos and tests (trained from scratch, so no
-#: dropout). ``demo-lite0`` is the offline demo's student: its image tower starts
+#: Small architectures for CPU demos and tests (no dropout: all but ``demo-lite0``
+#: train from scratch). ``demo-lite0`` is the offline demo's student: its image tower starts
 #: from ImageNet weights (notebook 02 runs it at 64 px; ``PRESET="demo-pretrained"``
 #: at its own 128). ``demo-resnet`` is the from-scratch student of
 #: ``PRESET="demo-scratch"``; ``demo`` is a small ViT of that role (for input-side

