@@ -178,7 +178,9 @@ def test_kd_demo_margin_shares_and_bars_by_hand(kd_demo):
                                "bar >= 0.65.")
     bars = kd_demo.bar_lines("relation", [0.7, 0.5], [0.09, 0.07], [0.8, 0.9])
     assert [b["pass"] for b in bars] == [False, False, False]
-    assert bars[1]["line"].startswith("FAIL: ") and "smallest 0.070" in bars[1]["line"]
+    assert bars[1]["line"].startswith("FAIL: ") and "smallest 0.070, 1 of 2 seeds clear it" in bars[1]["line"]
+    assert bars[1]["seeds_clearing"] == 1
+    assert kd_demo.bar_lines("relation", [0.7] * 3, [0.0, 0.08, 0.2], None)[1]["seeds_clearing"] == 2
     assert kd_demo.bar_lines("relation", [0.7], [0.1], None)[2]["line"].startswith("NOT RUN: ")
 
 
