@@ -94,10 +94,9 @@ def main(argv=None) -> int:
             for seed in range(args.seeds):
                 # The ViT demo student (the side is a ViT's token count), with the from-scratch demo's recipe.
                 cfg = preset_config("demo-scratch", data_dir, work, name=f"demo-vit-{variant}-seed{seed}",
-                                    seed=seed + 1,
-                                    preset="demo",
-                                    image_resolution=side, distillation=variant != "finetune",
-                                    teacher_model_name=teacher, kd_loss=args.kd_loss, max_epochs=args.epochs)
+                                    seed=seed + 1, preset="demo", image_resolution=side,
+                                    distillation=variant != "finetune", teacher_model_name=teacher,
+                                    kd_loss=args.kd_loss, max_epochs=args.epochs)
                 t0 = time.perf_counter()
                 result = train(cfg)
                 model, info = load_student(result.checkpoint)
@@ -112,9 +111,8 @@ def main(argv=None) -> int:
     for variant in (("finetune", f"kd-{args.kd_loss}") if args.resnet else ()):
         for seed in range(args.seeds):
             cfg = preset_config("demo-scratch", data_dir, work, name=f"demo-resnet-{variant}-seed{seed}",
-                                seed=seed + 1,
-                                preset="demo-resnet", distillation=variant != "finetune", teacher_model_name=teacher,
-                                kd_loss=args.kd_loss, max_epochs=args.epochs)
+                                seed=seed + 1, preset="demo-resnet", distillation=variant != "finetune",
+                                teacher_model_name=teacher, kd_loss=args.kd_loss, max_epochs=args.epochs)
             t0 = time.perf_counter()
             result = train(cfg)
             model, info = load_student(result.checkpoint)
